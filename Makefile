@@ -1,0 +1,34 @@
+# The two commands: `make demo` (main job on the built-in default) and
+# `make test`. Both create or reuse ./.venv and install what they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install -q -c requirements/constraints.txt
+export JAX_PLATFORMS ?= cpu
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: demo test install install-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.runtime: $(BIN)/python setup.py requirements/constraints.txt
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime
+	$(PIP) -e ".[test]"
+	touch $@
+
+install: $(VENV)/.runtime
+install-test: $(VENV)/.test
+
+demo: $(VENV)/.runtime
+	$(BIN)/python -m jaxalign.demo
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,24 @@
+"""Flax NNX decoder-only transformers for Hugging Face families, with import/export.
+
+    model, cfg = load_hf("path/to/hf_dir")        # Llama, Mistral, Qwen2/3, Gemma 1/2/3, GPT-2
+    logits = model(tokens)                         # [B, T, V]
+    save_hf(model, "out_dir")                      # transformers loads it back
+"""
+
+from jaxalign.models.config import (
+    SUPPORTED_FAMILIES,
+    ModelConfig,
+    RopeConfig,
+    UnsupportedConfigError,
+    config_from_hf,
+)
+from jaxalign.models.convert import CheckpointError, check_tokenizer, hf_config_dict, load_hf, save_hf
+from jaxalign.models.heads import ValueModel, last_token_scores, with_value_head
+from jaxalign.models.transformer import KVCache, Transformer
+from jaxalign.models.tiny import tiny_config
+
+__all__ = [
+    "SUPPORTED_FAMILIES", "CheckpointError", "KVCache", "ModelConfig", "RopeConfig", "Transformer",
+    "UnsupportedConfigError", "ValueModel", "check_tokenizer", "config_from_hf", "hf_config_dict",
+    "last_token_scores", "load_hf", "save_hf", "tiny_config", "with_value_head",
+]

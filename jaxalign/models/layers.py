@@ -1,0 +1,196 @@
+"""Building blocks of the shared decoder: norms, rotary embeddings, attention, MLP.
+
+Every parameter is an `nnx.Param` carrying its logical axis names as the
+metadata key `axes` (one name per dimension); `jaxalign.sharding` maps those
+names to mesh axes. Names used here: `vocab`, `embed`, `mlp`, `heads`,
+`kv_heads`, `head_dim`, `norm`, `position`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxalign.models.config import ModelConfig, RopeConfig, rope_inv_freq
+
+Array = jax.Array
+_NEG_INF = -1e30  # finite, so fully masked rows (padding) give no NaN
+
+
+def param(rngs: nnx.Rngs | None, shape, axes, *, init="normal", dtype=jnp.float32, std=0.02) -> nnx.Param:
+    """A parameter with logical axis names; `rngs=None` is for abstract (shape-only) builds."""
+    if init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape)).astype(dtype)
+    return nnx.Param(value, axes=tuple(axes))
+
+
+def activation(name: str, x: Array) -> Array:
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "relu":
+        return jax.nn.relu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+class Norm(nnx.Module):
+    """RMSNorm (optionally with Gemma's `1 + w` scale) or LayerNorm, in float32."""
+
+    def __init__(self, dim: int, cfg: ModelConfig, *, rngs, param_dtype, axes=("norm",)):
+        self.kind, self.eps, self.plus_one = cfg.norm, cfg.norm_eps, cfg.norm_plus_one
+        self.scale = param(rngs, (dim,), axes, init="zeros" if self.plus_one else "ones", dtype=param_dtype)
+        if self.kind == "layer":
+            self.bias = param(rngs, (dim,), axes, init="zeros", dtype=param_dtype)
+
+    def __call__(self, x: Array) -> Array:
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        if self.kind == "layer":
+            x = x - x.mean(-1, keepdims=True)
+        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps)
+        scale = self.scale[...].astype(jnp.float32)
+        if self.plus_one:
+            scale = 1.0 + scale
+        x = x * scale
+        if self.kind == "layer":
+            x = x + self.bias[...].astype(jnp.float32)
+        return x.astype(dtype)
+
+
+def apply_rope(x: Array, positions: Array, rope: RopeConfig) -> Array:
+    """Rotate `x: [B, T, H, D]` by `positions: [B, T]` (half-split layout, as Hugging Face)."""
+    d = x.shape[-1]
+    inv = jnp.asarray(rope_inv_freq(rope, d), jnp.float32)  # [D/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., : d // 2], x32[..., d // 2 :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def make_attention_mask(q_slots: Array, k_slots: Array, k_valid: Array, window: int | None,
+                   q_segments: Array | None = None, k_segments: Array | None = None) -> Array:
+    """Boolean `[B, Tq, Tk]`: causal over slots, key padding, sliding window, segments.
+
+    q_slots: [B, Tq] or [Tq]; k_slots: [Tk]; k_valid: [B, Tk].
+    """
+    q = jnp.broadcast_to(q_slots, (k_valid.shape[0],) + q_slots.shape[-1:])[:, :, None]
+    k = k_slots[None, None, :]
+    mask = (k <= q) & k_valid[:, None, :]
+    if window is not None:
+        mask &= (q - k) < window
+    if q_segments is not None:
+        mask &= q_segments[:, :, None] == k_segments[:, None, :]
+    return mask
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs, param_dtype):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.cfg, self.layer = cfg, layer
+        self.q = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dtype=param_dtype)
+        self.k = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), dtype=param_dtype)
+        self.v = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), dtype=param_dtype)
+        self.o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dtype=param_dtype)
+        if cfg.qkv_bias:
+            self.q_bias = param(rngs, (h, hd), ("heads", "head_dim"), init="zeros", dtype=param_dtype)
+            self.k_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), init="zeros", dtype=param_dtype)
+            self.v_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), init="zeros", dtype=param_dtype)
+        if cfg.o_bias:
+            self.o_bias = param(rngs, (d,), ("embed",), init="zeros", dtype=param_dtype)
+        if cfg.qk_norm:
+            self.q_norm = Norm(hd, cfg, rngs=rngs, param_dtype=param_dtype)
+            self.k_norm = Norm(hd, cfg, rngs=rngs, param_dtype=param_dtype)
+
+    def __call__(self, x: Array, positions: Array, mask: Array, cache_kv=None, slot=None):
+        """x: [B, T, D]; positions: [B, T]; mask: [B, T, S] bool over the keys attended.
+
+        Without a cache the keys are this call's own tokens (S = T). With a
+        cache `(k, v)` of `[B, S, KV, Dh]`, this call's keys are written at
+        `slot` and the whole cache is attended. Returns (out [B, T, D], new cache_kv).
+        """
+        cfg = self.cfg
+        dt = x.dtype
+        q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt))
+        k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dt))
+        v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dt))
+        if cfg.qkv_bias:
+            q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.positions == "rope":
+            rope = cfg.rope_for(self.layer)
+            q, k = apply_rope(q, positions, rope), apply_rope(k, positions, rope)
+        if cache_kv is not None:
+            ck, cv = cache_kv
+            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), slot, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), slot, axis=1)
+            cache_kv = (k, v)
+        b, t, h, hd = q.shape
+        kvh = k.shape[2]
+        scale = cfg.query_scale
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale /= self.layer + 1
+        qg = q.reshape(b, t, kvh, h // kvh, hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(dt)).astype(jnp.float32) * scale
+        if cfg.attn_softcap:
+            scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+        scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(b, t, h, hd)
+        out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
+        if cfg.o_bias:
+            out = out + self.o_bias[...].astype(dt)
+        return out, cache_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs, param_dtype):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.cfg = cfg
+        if cfg.mlp == "gated":
+            self.gate = param(rngs, (d, f), ("embed", "mlp"), dtype=param_dtype)
+        self.up = param(rngs, (d, f), ("embed", "mlp"), dtype=param_dtype)
+        self.down = param(rngs, (f, d), ("mlp", "embed"), dtype=param_dtype)
+        if cfg.mlp_bias:
+            if cfg.mlp == "gated":
+                self.gate_bias = param(rngs, (f,), ("mlp",), init="zeros", dtype=param_dtype)
+            self.up_bias = param(rngs, (f,), ("mlp",), init="zeros", dtype=param_dtype)
+            self.down_bias = param(rngs, (d,), ("embed",), init="zeros", dtype=param_dtype)
+
+    def __call__(self, x: Array) -> Array:
+        cfg, dt = self.cfg, x.dtype
+        up = x @ self.up[...].astype(dt)
+        if cfg.mlp_bias:
+            up = up + self.up_bias[...].astype(dt)
+        if cfg.mlp == "gated":
+            gate = x @ self.gate[...].astype(dt)
+            if cfg.mlp_bias:
+                gate = gate + self.gate_bias[...].astype(dt)
+            hidden = activation(cfg.activation, gate) * up
+        else:
+            hidden = activation(cfg.activation, up)
+        out = hidden @ self.down[...].astype(dt)
+        if cfg.mlp_bias:
+            out = out + self.down_bias[...].astype(dt)
+        return out
+
+
+def default_positions(attention_mask: Array | None, shape, offset=0) -> Array:
+    """Positions `[B, T]`: counted over real tokens when a mask is given (left padding works)."""
+    if attention_mask is None:
+        return jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32) + offset, shape)
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0) + offset
+
+
+__all__ = ["Attention", "MLP", "Norm", "activation", "apply_rope", "default_positions", "make_attention_mask", "param"]

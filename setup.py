@@ -28,7 +28,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["jaxalign", "jaxalign.*"]),
     include_package_data=True,
-    package_data={"jaxalign": ["tasks/assets/**/*"]},
+    package_data={"jaxalign.tasks": ["assets/arithmetic_tokenizer/*"]},
     install_requires=RUNTIME,
     extras_require={
         # torch is a test-time reference only, pinned to the CPU build.

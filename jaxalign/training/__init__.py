@@ -1,0 +1,30 @@
+"""Generic training: train state, jitted step, loop, checkpoints, metric writers."""
+
+from jaxalign.training.checkpoint import Checkpointer, NonFiniteError
+from jaxalign.training.loop import count_tokens, train
+from jaxalign.training.optim import OptimConfig, make_optimizer, make_schedule
+from jaxalign.training.state import (
+    ModelDef,
+    TrainState,
+    abstract_state,
+    init_train_state,
+    state_shardings,
+)
+from jaxalign.training.step import TrainStep, make_train_step
+
+__all__ = [
+    "Checkpointer",
+    "ModelDef",
+    "NonFiniteError",
+    "OptimConfig",
+    "TrainState",
+    "TrainStep",
+    "abstract_state",
+    "count_tokens",
+    "init_train_state",
+    "make_optimizer",
+    "make_schedule",
+    "make_train_step",
+    "state_shardings",
+    "train",
+]

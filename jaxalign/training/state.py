@@ -1,0 +1,113 @@
+"""The train state: a plain pytree, so the step is a pure, jittable function.
+
+An NNX model is split once into a static `ModelDef` (graph definition, the
+structure of its Params with their metadata, and any non-Param variables) and
+a pure nested dict of Param arrays. Only the dict lives in the `TrainState`;
+the step rebuilds the module with `ModelDef.merge` inside the trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxalign import sharding as shd
+
+
+class TrainState(NamedTuple):
+    """Everything a step reads and writes; all leaves are jax arrays.
+
+    params: pure nested dict of Param arrays (`nnx.to_pure_dict` layout).
+    opt_state: the optax state for `params`.
+    step: int32 [] — steps taken, including skipped (non-finite) ones.
+    rng: uint32 [2] — raw PRNG key, split once per step (raw so Orbax saves it).
+    skipped_steps: int32 [] — steps whose update was dropped by the NaN guard.
+    """
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    rng: jax.Array
+    skipped_steps: jax.Array
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ModelDef:
+    """The static half of a split NNX model: rebuilds a module from params."""
+
+    graphdef: Any
+    param_treedef: Any
+    rest: Any
+
+    @classmethod
+    def of(cls, model: nnx.Module) -> tuple["ModelDef", dict]:
+        """Splits `model` into (ModelDef, pure params dict)."""
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        pure = nnx.to_pure_dict(params)
+        # `merge` maps dict leaves to Variable leaves by position; both flatten
+        # in sorted-key order, checked here once rather than trusted.
+        var_paths = [p[:-1] for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        dict_paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(pure)[0]]
+        if [_keys(p) for p in var_paths] != [_keys(p) for p in dict_paths]:
+            raise ValueError("Param state and its pure dict flatten in different orders")
+        return cls(graphdef, jax.tree.structure(params), rest), pure
+
+    def merge(self, params: Any) -> nnx.Module:
+        """A module whose Params are `params` (works on tracers inside jit)."""
+        state = jax.tree.unflatten(self.param_treedef, jax.tree.leaves(params))
+        return nnx.merge(self.graphdef, state, self.rest)
+
+
+def _keys(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+
+def init_train_state(
+    model: nnx.Module,
+    optimizer: optax.GradientTransformation,
+    *,
+    mesh: Mesh | None = None,
+    seed: int = 0,
+) -> tuple[TrainState, ModelDef]:
+    """Builds the initial state, placed on `mesh` by the rules table.
+
+    Params keep their placement if the model was already sharded
+    (`shard_model`, `create_sharded_model`), else are moved. The optimizer
+    state is created directly in its shards; scalars are replicated.
+    `mesh=None` means one device.
+    """
+    if mesh is None:
+        mesh = shd.make_mesh(shd.MeshConfig(), devices=jax.devices()[:1])
+    model_def, params = ModelDef.of(model)
+    p_shard = shd.param_shardings(model, mesh)
+    params = jax.device_put(params, p_shard)
+    abstract_opt = jax.eval_shape(optimizer.init, params)
+    o_shard = shd.opt_state_shardings(abstract_opt, p_shard, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=o_shard)(params)
+    rep = shd.replicated(mesh)
+    state = TrainState(
+        params=params,
+        opt_state=opt_state,
+        step=jax.device_put(jnp.zeros((), jnp.int32), rep),
+        rng=jax.device_put(jax.random.PRNGKey(seed), rep),
+        skipped_steps=jax.device_put(jnp.zeros((), jnp.int32), rep),
+    )
+    return state, model_def
+
+
+def state_shardings(state: TrainState) -> TrainState:
+    """The sharding of every leaf of a placed (or abstract, sharded) state."""
+    return jax.tree.map(lambda x: x.sharding, state)
+
+
+def abstract_state(state: TrainState) -> TrainState:
+    """ShapeDtypeStructs with shardings: the restore target for a checkpoint."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )

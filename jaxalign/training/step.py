@@ -1,0 +1,209 @@
+"""The jitted train step: exact gradient accumulation and a NaN/Inf guard.
+
+A loss function has the signature
+
+    loss_fn(model: nnx.Module, batch: pytree, rng: jax.Array) -> (loss, aux)
+
+where `loss` is either a scalar or a `(numerator, denominator)` pair (e.g.
+(sum of token losses, number of tokens)). With pairs, the step sums both over
+the micro-batches and divides once, so the loss and its gradient equal those of
+the full batch exactly (up to float reassociation). The denominator must not
+depend on the parameters (it is treated as a constant). A scalar loss is taken
+as the pair (loss, 1): micro-batch losses are then averaged with equal weight.
+
+`aux` is a flat dict of scalars. A `(sum, count)` pair in it is combined the
+same exact way; a plain scalar is averaged over micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxalign import sharding as shd
+from jaxalign.training.state import ModelDef, TrainState
+
+LossFn = Callable[[Any, Any, jax.Array], tuple[Any, dict]]
+RESERVED_METRICS = ("loss", "grad_norm", "lr", "finite", "skipped_steps")
+
+
+class TrainStep:
+    """`step(state, batch) -> (state, metrics)`, jitted with explicit shardings.
+
+    The state argument is donated: do not reuse it after the call. Host
+    (NumPy) batches are placed with `shard_batch` first. Attributes:
+    `nan_policy` (read by the loop), `mesh`, `shardings` (of the state).
+    """
+
+    def __init__(self, fn, shardings: TrainState, nan_policy: str):
+        self._fn = fn
+        self.shardings = shardings
+        self.nan_policy = nan_policy
+        self.mesh = jax.tree.leaves(shardings)[0].mesh
+        self._jitted: dict = {}
+
+    def _get(self, batch):
+        # One jit per batch layout: in_shardings must name every batch leaf
+        # (arrays split on their leading dim, scalars replicated).
+        leaves, treedef = jax.tree.flatten(batch)
+        key = (treedef, tuple(jnp.ndim(x) for x in leaves))
+        if key not in self._jitted:
+            batch_sh = jax.tree.unflatten(
+                treedef, [shd.batch_sharding(self.mesh, jnp.ndim(x)) for x in leaves]
+            )
+            self._jitted[key] = jax.jit(
+                self._fn,
+                in_shardings=(self.shardings, batch_sh),
+                out_shardings=(self.shardings, shd.replicated(self.mesh)),
+                donate_argnums=(0,),
+            )
+        return self._jitted[key]
+
+    def place_batch(self, batch: Any) -> Any:
+        """Batch -> global arrays with the batch sharding (no-op if already so)."""
+        return shd.shard_batch(batch, self.mesh)
+
+    def lower(self, state: TrainState, batch: Any):
+        """The lowered computation, for inspecting shardings and cost."""
+        batch = self.place_batch(batch)
+        with jax.set_mesh(self.mesh):
+            return self._get(batch).lower(state, batch)
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        batch = self.place_batch(batch)
+        # The mesh context lets models constrain activations with bare
+        # PartitionSpecs while the step is traced.
+        with jax.set_mesh(self.mesh):
+            return self._get(batch)(state, batch)
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    model_def: ModelDef,
+    shardings: TrainState,
+    micro_batches: int = 1,
+    nan_policy: Literal["skip", "stop"] = "skip",
+) -> TrainStep:
+    """Builds the train step.
+
+    micro_batches: the batch's leading dim B is split into this many
+      micro-batches of B / micro_batches rows; micro-batch i takes rows
+      i, i + M, i + 2M, … so that every device holds part of every
+      micro-batch (no data movement). Gradients are accumulated in float32.
+    nan_policy: if the loss or the gradient norm is not finite, the update
+      is dropped in both policies (params and optimizer state unchanged,
+      `skipped_steps` + 1); with "stop" the loop then raises.
+    shardings: the state's shardings (`state_shardings(state)`); the
+      step's outputs use the same, so no resharding happens between steps.
+    """
+    if nan_policy not in ("skip", "stop"):
+        raise ValueError(f"nan_policy must be 'skip' or 'stop', got {nan_policy!r}")
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    param_sh = shardings.params
+
+    def parts(params, batch, rng):
+        loss, aux = loss_fn(model_def.merge(params), batch, rng)
+        num, den = loss if isinstance(loss, (tuple, list)) else (loss, 1.0)
+        return num, (jax.lax.stop_gradient(jnp.asarray(den, jnp.float32)), aux)
+
+    grad_fn = jax.value_and_grad(parts, has_aux=True)
+
+    def accumulate(params, batch, rng):
+        """Returns (summed grads, summed numerator, summed denominator, aux)."""
+        if micro_batches == 1:
+            (num, (den, aux)), grads = grad_fn(params, batch, rng)
+            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+            return grads, num.astype(jnp.float32), den, _combine_aux(aux, 1)
+
+        leaves, treedef = jax.tree.flatten(batch)
+        split_idx = [i for i, x in enumerate(leaves) if x.ndim > 0]
+        xs = [_split_micro(leaves[i], micro_batches, mesh) for i in split_idx]
+
+        def body(carry, inputs):
+            g_acc, num_acc, den_acc = carry
+            i, mb_leaves = inputs
+            mb = list(leaves)
+            for j, x in zip(split_idx, mb_leaves):
+                mb[j] = x
+            (num, (den, aux)), grads = grad_fn(
+                params, jax.tree.unflatten(treedef, mb), jax.random.fold_in(rng, i)
+            )
+            g_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), g_acc, grads)
+            return (g_acc, num_acc + num.astype(jnp.float32), den_acc + den), aux
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zeros = jax.lax.with_sharding_constraint(zeros, param_sh)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, num, den), aux = jax.lax.scan(body, init, (jnp.arange(micro_batches), xs))
+        return grads, num, den, _combine_aux(aux, micro_batches)
+
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        rng, step_rng = jax.random.split(state.rng)
+        grads, num, den, aux = accumulate(state.params, batch, step_rng)
+        loss = num / den
+        grads = jax.tree.map(lambda g, p: (g / den).astype(p.dtype), grads, state.params)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        skipped = state.skipped_steps + (~finite).astype(jnp.int32)
+        new_state = TrainState(
+            params=jax.tree.map(keep, new_params, state.params),
+            opt_state=jax.tree.map(keep, new_opt, state.opt_state),
+            step=state.step + 1,
+            rng=rng,
+            skipped_steps=skipped,
+        )
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "skipped_steps": skipped}
+        lr = _find_lr(new_opt)
+        if lr is not None:
+            metrics["lr"] = lr
+        clash = set(aux) & set(RESERVED_METRICS)
+        if clash:
+            raise ValueError(f"loss aux metrics may not use the reserved names {sorted(clash)}")
+        metrics.update(aux)
+        return new_state, metrics
+
+    return TrainStep(step, shardings, nan_policy)
+
+
+def _split_micro(x: jax.Array, m: int, mesh) -> jax.Array:
+    """[B, ...] -> [m, B/m, ...], micro-batch i holding rows i, i+m, …."""
+    if x.shape[0] % m:
+        raise ValueError(f"batch of {x.shape[0]} rows does not split into {m} micro-batches")
+    rows = x.shape[0] // m
+    x = jnp.swapaxes(x.reshape(rows, m, *x.shape[1:]), 0, 1)
+    batch_axes = shd.batch_sharding(mesh, 1).spec[0]
+    if rows % math.prod(mesh.shape[a] for a in batch_axes) == 0:
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, batch_axes)))
+    return x
+
+
+def _combine_aux(aux: dict, m: int) -> dict:
+    """Per-micro-batch aux (stacked on axis 0 when m > 1) -> one value each."""
+    out = {}
+    for k, v in aux.items():
+        if isinstance(v, (tuple, list)):
+            s, c = (jnp.sum(x, 0) if m > 1 else x for x in v)
+            out[k] = jnp.asarray(s, jnp.float32) / c
+        else:
+            out[k] = jnp.mean(v, 0) if m > 1 else v
+    return out
+
+
+def _find_lr(opt_state: Any) -> jax.Array | None:
+    """The injected `learning_rate` hyper-parameter (not its schedule state)."""
+    found = optax.tree_utils.tree_get_all_with_path(
+        opt_state, "learning_rate", filtering=lambda _, v: isinstance(v, jax.Array)
+    )
+    return found[0][1] if len(found) == 1 else None

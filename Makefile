@@ -25,7 +25,7 @@ install: $(VENV)/.runtime
 install-test: $(VENV)/.test
 
 demo: $(VENV)/.runtime
-	$(BIN)/python -m jaxalign.demo
+	$(BIN)/python experiments/compare.py --config experiments/configs/arithmetic.py
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

@@ -321,6 +321,14 @@ def hf_config_dict(model: nnx.Module) -> dict:
     return hf
 
 
+def _host_array(x) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
 def save_hf(model: nnx.Module, path: str | os.PathLike, *, tokenizer=None,
             max_shard_bytes: int | None = None, extra_config: dict | None = None) -> Path:
     """Write `model` as a Hugging Face checkpoint that transformers loads.
@@ -328,6 +336,8 @@ def save_hf(model: nnx.Module, path: str | os.PathLike, *, tokenizer=None,
     `model.safetensors` (or shards of at most `max_shard_bytes` with an index)
     plus `config.json`; the tokenizer too when given. `extra_config` entries
     are merged into `config.json` (e.g. reward normalisation statistics).
+    With several processes, call it on all of them: parameters sharded across
+    hosts are gathered, and process 0 writes.
     """
     from safetensors.numpy import save_file
 
@@ -338,8 +348,10 @@ def save_hf(model: nnx.Module, path: str | os.PathLike, *, tokenizer=None,
     bound, params = _bindings(model, cfg, value_model)
     tensors: dict[str, list] = {}
     for rule, hf, ours in bound:
-        arr = np.asarray(jax.device_get(params[ours][...]))
+        arr = _host_array(params[ours][...])
         tensors.setdefault(hf, []).append((rule.part, np.asarray(rule.to_hf(arr, cfg))))
+    if jax.process_index() != 0:
+        return path
     out = {}
     for hf, pieces in tensors.items():
         pieces.sort(key=lambda p: (p[0] or (0, 1))[0])

@@ -1,10 +1,12 @@
 """Reward functions: verifiable checkers and a reward-model scorer.
 
-A reward function takes the decoded completions and the reference answers
-and returns one float per completion: `fn(completions: list[str], answers:
-list[str]) -> np.ndarray [B]`.
+A reward function maps a `Rollout` (what was sampled, decoded and tokenized)
+to one float per completion: `fn(rollout) -> np.ndarray [R]`. Text checkers
+`fn(completions, answers)` are adapted with `from_verifier`.
 """
 
+from jaxalign.rewards.base import Rollout, RewardFn, combine, from_verifier
+from jaxalign.rewards.model import RewardModelScorer
 from jaxalign.rewards.verifiers import exact_match
 
-__all__ = ["exact_match"]
+__all__ = ["RewardFn", "RewardModelScorer", "Rollout", "combine", "exact_match", "from_verifier"]

@@ -70,7 +70,10 @@ def train(
     start = 0
     if checkpointer is not None and checkpointer.latest_step() is not None:
         state, data_state = checkpointer.restore(state)
-        start = int(jax.device_get(state.step))
+        # The checkpoint's step is the loop's; `state.step` counts optimiser
+        # updates, which differ when a step function updates several times
+        # per call (PPO epochs, GRPO's mu).
+        start = int(checkpointer.latest_step())
         if data_state is not None and hasattr(data, "set_state"):
             data.set_state(data_state)
         elif hasattr(data, "set_state"):

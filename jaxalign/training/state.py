@@ -81,6 +81,11 @@ def init_train_state(
     (`shard_model`, `create_sharded_model`), else are moved. The optimizer
     state is created directly in its shards; scalars are replicated.
     `mesh=None` means one device.
+
+    The state takes over the model's arrays where they already sit in their
+    shards: the step donates them, so after the first step the model object
+    itself no longer holds valid Params. Copy (or `nnx.clone`) the model
+    first if it must stay usable, e.g. as a frozen reference.
     """
     if mesh is None:
         mesh = shd.make_mesh(shd.MeshConfig(), devices=jax.devices()[:1])

@@ -1,0 +1,206 @@
+"""The group-rollout algorithm: GRPO, Dr. GRPO and DAPO are presets of one config.
+
+Per step: draw `prompts_per_step` prompts, sample G completions each, score
+them, turn rewards into group-relative advantages, and take `mu` optimiser
+steps on the rollout with the old-policy ratio. No critic.
+
+| preset  | scale | agg                       | β    | clip (low, high) | dynamic sampling | overlong |
+|---------|-------|---------------------------|------|------------------|------------------|----------|
+| grpo    | group | seq-mean-token-mean       | 0.04 | 0.2, 0.2         | off              | off      |
+| dr_grpo | none  | seq-mean-token-sum-norm   | 0.04 | 0.2, 0.2         | off              | off      |
+| dapo    | group | token-mean                | 0    | 0.2, 0.28        | on               | filter + soft punishment |
+
+Dr. GRPO changes only what its paper names (no std division, a constant
+length normaliser); β stays GRPO's so the comparison isolates those two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxalign.algorithms.common import entropy_from_logits, model_logits
+from jaxalign.algorithms.rollout import (
+    SamplingConfig,
+    completion_stats,
+    concat_rows,
+    make_logprob_fn,
+    positions,
+    sample,
+)
+from jaxalign.losses import dynamic_sampling_mask, group_advantages, grpo_loss, overlong_penalty, token_logprobs
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupConfig:
+    """Options of the group-rollout algorithm (see the module table for presets).
+
+    group_size: G samples per prompt. prompts_per_step: groups per batch.
+    scale: `group_advantages` scale (`group`, `batch`, `none`).
+    beta, kl: KL-to-reference weight and estimator; β = 0 loads no reference.
+    agg: loss aggregation mode. clip_eps, clip_eps_high: ε_low, ε_high.
+    mu: optimiser steps per rollout (ratio against the sampling policy).
+    dynamic_sampling: keep only groups whose rewards differ, drawing more
+      prompts until the batch is full or `max_sampling_rounds` is reached
+      (unfilled groups are masked out, never duplicated).
+    overlong_filter: truncated samples get zero loss weight.
+    overlong_cache: L_cache of the soft overlong punishment (0 = off); the
+      budget L_max is `sampling.max_new_tokens`.
+    """
+
+    group_size: int = 8
+    prompts_per_step: int = 32
+    sampling: SamplingConfig = SamplingConfig()
+    scale: str = "group"
+    beta: float = 0.04
+    kl: str = "k3"
+    agg: str = "seq-mean-token-mean"
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    mu: int = 1
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
+    overlong_filter: bool = False
+    overlong_cache: int = 0
+
+
+PRESETS = {
+    "grpo": dict(scale="group", beta=0.04, kl="k3", agg="seq-mean-token-mean", clip_eps=0.2, clip_eps_high=None),
+    "dr_grpo": dict(scale="none", beta=0.04, kl="k3", agg="seq-mean-token-sum-norm", clip_eps=0.2,
+                    clip_eps_high=None),
+    "dapo": dict(scale="group", beta=0.0, agg="token-mean", clip_eps=0.2, clip_eps_high=0.28,
+                 dynamic_sampling=True, overlong_filter=True),
+}
+
+
+def preset(name: str, **overrides) -> GroupConfig:
+    """`GroupConfig` of a named preset (`grpo`, `dr_grpo`, `dapo`) with overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid: {sorted(PRESETS)}")
+    return GroupConfig(**{**PRESETS[name], **overrides})
+
+
+def make_group_loss_fn(cfg: GroupConfig):
+    """`loss_fn(policy, batch, rng)` over a rollout batch, as `(numerator, denominator)`.
+
+    batch: `tokens`, `attention_mask`, `positions`, `loss_mask` `[R, T]`;
+    `old_logps`, `ref_logps` (when β > 0) `[R, T-1]`; `advantages`, `weights` `[R]`.
+    """
+    temperature = cfg.sampling.temperature
+
+    def loss_fn(policy, batch, rng):
+        del rng
+        logits = model_logits(policy, batch)[:, :-1] / temperature
+        logps = token_logprobs(logits, batch["tokens"][:, 1:])
+        mask = batch["loss_mask"][:, 1:].astype(jnp.float32) * batch["weights"][:, None]
+        parts, metrics = grpo_loss(logps, batch["old_logps"], batch.get("ref_logps"), batch["advantages"], mask,
+                                   clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, beta=cfg.beta,
+                                   kl=cfg.kl, agg=cfg.agg, return_parts=True)
+        metrics["entropy"] = entropy_from_logits(logits, mask)
+        return parts, metrics
+
+    return loss_fn
+
+
+class GroupStep:
+    """One on-policy step for the generic loop: `(state, prompt_batch) -> (state, metrics)`.
+
+    Samples with the current params, scores with `reward_fn`, builds the
+    rollout batch and runs `mu` calls of `train_step` on it. Extra prompts
+    for dynamic sampling come from `prompts` (the loop's own iterator, so
+    the checkpointed data position stays exact).
+    """
+
+    def __init__(self, cfg: GroupConfig, *, train_step, sampler, reward_fn, tokenizer, prompts,
+                 reference_params=None, reference_model=None, seed: int = 0):
+        if cfg.beta > 0 and reference_params is None:
+            raise ValueError("beta > 0 needs the reference params")
+        self.cfg, self.train_step, self.sampler = cfg, train_step, sampler
+        self.reward_fn, self.tokenizer, self.prompts = reward_fn, tokenizer, prompts
+        self.nan_policy = train_step.nan_policy
+        # A copy: the train state may alias (and donate) the arrays the policy started from.
+        self.ref_params = None if reference_params is None else jax.tree.map(jnp.copy, reference_params)
+        self.ref_logps = make_logprob_fn(reference_model, temperature=cfg.sampling.temperature) \
+            if cfg.beta > 0 else None
+        self.key = jax.random.PRNGKey(seed)
+        self.eos_ids = (tokenizer.eos_token_id,)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def _rewards(self, rollout) -> np.ndarray:
+        rewards = np.asarray(self.reward_fn(rollout), np.float32)
+        if self.cfg.overlong_cache:
+            rewards = rewards + np.asarray(overlong_penalty(
+                jnp.asarray(rollout.lengths), max_len=self.cfg.sampling.max_new_tokens,
+                cache_len=self.cfg.overlong_cache))
+        return rewards
+
+    def rollout(self, params, prompt_batch: dict, step: int) -> tuple[dict, dict]:
+        """Sample, score and select groups; the training batch and rollout metrics."""
+        cfg, g, want = self.cfg, self.cfg.group_size, self.cfg.prompts_per_step
+        kept, drawn, rounds, first = [], 0, 0, None
+        t0 = time.perf_counter()
+        gen_tokens = 0
+        while True:
+            rng = jax.random.fold_in(jax.random.fold_in(self.key, step), rounds)
+            rollout, arrays = sample(self.sampler, params, prompt_batch, n=g, cfg=cfg.sampling,
+                                     eos_ids=self.eos_ids, pad_id=self.pad_id, rng=rng, tokenizer=self.tokenizer)
+            rewards = self._rewards(rollout)
+            arrays["rewards"] = rewards
+            arrays["truncated"] = np.asarray(rollout.truncated)
+            gen_tokens += int(np.sum(rollout.lengths))
+            first = first or (rollout, rewards)
+            n_groups = len(rewards) // g
+            drawn += n_groups
+            keep = np.asarray(dynamic_sampling_mask(jnp.asarray(rewards), g)) if cfg.dynamic_sampling \
+                else np.ones(n_groups, bool)
+            rows = np.repeat(keep, g)
+            kept.append({k: v[rows] for k, v in arrays.items()})
+            rounds += 1
+            have = sum(len(k["rewards"]) for k in kept) // g
+            if not cfg.dynamic_sampling or have >= want or rounds >= cfg.max_sampling_rounds:
+                break
+            prompt_batch = next(self.prompts)
+        batch = concat_rows(kept)
+        have = len(batch["rewards"]) // g
+        weights = np.ones(len(batch["rewards"]), np.float32)
+        if have > want:
+            batch = {k: v[: want * g] for k, v in batch.items()}
+            weights = weights[: want * g]
+        elif have < want:  # rounds ran out: pad with masked-out rows, never duplicates
+            missing = (want - have) * g
+            batch = {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+            weights = np.concatenate([weights, np.zeros(missing, np.float32)])
+        if cfg.overlong_filter:
+            weights = weights * (~batch["truncated"].astype(bool))
+        adv = np.asarray(group_advantages(jnp.asarray(batch["rewards"]), g, scale=cfg.scale))
+        all_rewards = first[1]
+        groups = all_rewards.reshape(-1, g)
+        metrics = {
+            "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
+            "zero_variance_groups": float(np.mean(groups.max(1) == groups.min(1))),
+            "groups_drawn": float(drawn), "groups_kept": float(min(have, want)), "sampling_rounds": float(rounds),
+            "gen_tokens_per_sec": gen_tokens / max(time.perf_counter() - t0, 1e-9),
+            **completion_stats(first[0]),
+        }
+        train = {"tokens": batch["tokens"], "attention_mask": batch["attention_mask"],
+                 "positions": positions(batch["attention_mask"]), "loss_mask": batch["loss_mask"],
+                 "old_logps": batch["old_logps"], "advantages": adv.astype(np.float32), "weights": weights}
+        if self.ref_logps is not None:
+            train["ref_logps"] = np.asarray(self.ref_logps(self.ref_params, train))
+        return train, metrics
+
+    def __call__(self, state, prompt_batch: dict):
+        t0 = time.perf_counter()
+        batch, metrics = self.rollout(state.params, prompt_batch, int(jax.device_get(state.step)))
+        t1 = time.perf_counter()
+        self.last_batch = batch
+        for _ in range(self.cfg.mu):
+            state, step_metrics = self.train_step(state, batch)
+        metrics = {**step_metrics, **metrics}
+        metrics["rollout_time_s"] = t1 - t0
+        metrics["step_time_s"] = time.perf_counter() - t0
+        return state, metrics

@@ -1,0 +1,95 @@
+"""The rollout phase shared by PPO and the GRPO family: sample, decode, lay out for training.
+
+A training batch built from a rollout has R rows of `[prompt ; completion]`
+(width P + N, left-padded prompt, right-padded completion) and per-token
+arrays of width P + N − 1 aligned with `tokens[:, 1:]`, the targets that
+`response_logprobs` scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxalign.algorithms.common import response_logprobs
+from jaxalign.rewards import Rollout
+from jaxalign.sampling import Sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+
+def sample(sampler: Sampler, params, prompt_batch: dict, *, n: int, cfg: SamplingConfig, eos_ids, pad_id: int,
+           rng: jax.Array, tokenizer) -> tuple[Rollout, dict]:
+    """Draw `n` completions per prompt; returns the decoded `Rollout` and the training arrays.
+
+    prompt_batch: `prompt_tokens`, `prompt_mask` `[B, P]` (left-padded), and
+    `prompts`, `answers` lists. Training arrays (NumPy, R = B·n rows):
+    `tokens`, `attention_mask`, `loss_mask` `[R, P+N]` and `old_logps`
+    `[R, P+N-1]` (the sampler's log-probs at the sampling temperature).
+    """
+    result = sampler(params, prompt_batch["prompt_tokens"], prompt_batch["prompt_mask"],
+                     max_new_tokens=cfg.max_new_tokens, rng=rng, temperature=cfg.temperature,
+                     top_k=cfg.top_k, top_p=cfg.top_p, eos_ids=tuple(eos_ids), n=n, pad_id=pad_id)
+    result = jax.device_get(result)
+    tokens, mask = (np.asarray(x) for x in result.sequences())
+    completions = np.asarray(result.completions)
+    gen_mask = np.asarray(result.mask)
+    texts = tokenizer.batch_decode(np.where(gen_mask > 0, completions, pad_id).tolist(), skip_special_tokens=True)
+    rep = lambda xs: [x for x in xs for _ in range(n)]  # noqa: E731
+    rollout = Rollout(prompts=rep(prompt_batch["prompts"]), completions=texts, answers=rep(prompt_batch["answers"]),
+                      tokens=tokens, mask=mask, lengths=np.asarray(result.lengths),
+                      truncated=np.asarray(result.truncated))
+    p = result.prompts.shape[1]
+    loss_mask = np.concatenate([np.zeros_like(result.prompt_mask), gen_mask], axis=1)
+    old = np.zeros((tokens.shape[0], tokens.shape[1] - 1), np.float32)
+    old[:, p - 1:] = np.asarray(result.logprobs)
+    arrays = {"tokens": tokens.astype(np.int32), "attention_mask": mask.astype(np.int32),
+              "loss_mask": loss_mask.astype(np.int32), "old_logps": old}
+    return rollout, arrays
+
+
+def positions(mask: np.ndarray) -> np.ndarray:
+    """Positions counted over real tokens (what the sampler used), `[R, T]`."""
+    return np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+
+
+def make_logprob_fn(model: nnx.Module, *, temperature: float = 1.0):
+    """A jitted `(params, batch) -> logps [R, T-1]` for a frozen model (reference, old policy)."""
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    treedef = jax.tree.structure(nnx.state(model, nnx.Param))
+
+    @jax.jit
+    def fn(params, tokens, attention_mask, loss_mask):
+        m = nnx.merge(graphdef, jax.tree.unflatten(treedef, jax.tree.leaves(params)), rest)
+        batch = {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}
+        return response_logprobs(m, batch, temperature=temperature)[0]
+
+    return lambda params, b: fn(params, jnp.asarray(b["tokens"]), jnp.asarray(b["attention_mask"]),
+                                jnp.asarray(b["loss_mask"]))
+
+
+def concat_rows(parts: list[dict]) -> dict:
+    """Stack training arrays of several rollouts, left-padding prompts to a common width."""
+    width = max(p["tokens"].shape[1] for p in parts)
+    out: dict[str, list] = {}
+    for p in parts:
+        extra = width - p["tokens"].shape[1]
+        for k, v in p.items():
+            out.setdefault(k, []).append(np.pad(v, ((0, 0), (extra, 0))) if v.ndim == 2 and extra else v)
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def completion_stats(rollout: Rollout) -> dict[str, float]:
+    lengths = np.asarray(rollout.lengths, np.float32)
+    return {"response_length_mean": float(lengths.mean()), "response_length_max": float(lengths.max()),
+            "truncation_rate": float(np.mean(rollout.truncated))}

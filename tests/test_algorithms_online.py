@@ -1,0 +1,131 @@
+"""PPO and the GRPO family end to end at a tiny size, on the built-in task's tokenizer."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxalign import data, models, training
+from jaxalign.algorithms import group, ppo
+from jaxalign.algorithms.rollout import SamplingConfig
+from jaxalign.sampling import Sampler
+from jaxalign.tasks import arithmetic
+
+SEVEN = 2 + 7  # token id of "7"
+
+
+def sevens(rollout):
+    """A reward a tiny model learns in a few steps: the share of '7' characters."""
+    return np.array([c.count("7") / max(len(c), 1) for c in rollout.completions], np.float32)
+
+
+@pytest.fixture(scope="module")
+def task():
+    tok = arithmetic.load_tokenizer()
+    problems = arithmetic.sample_problems(np.random.default_rng(0), 256)
+    records = [{"prompt": p, "answer": a} for p, a in zip(problems.prompts, problems.answers)]
+    prompts = data.tokenize_prompts(records, tok, max_length=8)
+    cfg = models.tiny_config("llama", vocab_size=len(tok), max_position_embeddings=32)
+    return tok, prompts, cfg
+
+
+def _loader(prompts, batch_size, seed=0):
+    return data.Loader(prompts, batch_size=batch_size, seed=seed, buckets=(8,))
+
+
+def _group_run(task, preset, steps, *, reward_fn=sevens, lr=3e-3, seed=0, **over):
+    tok, prompts, cfg = task
+    model = models.Transformer(cfg, rngs=nnx.Rngs(seed))
+    ref = models.Transformer(cfg, rngs=nnx.Rngs(seed))
+    gcfg = group.preset(preset, **{"group_size": 4, "prompts_per_step": 4,
+                                   "sampling": SamplingConfig(max_new_tokens=4), **over})
+    opt = training.make_optimizer(training.OptimConfig(lr=lr, schedule="constant"))
+    state, mdef = training.init_train_state(model, opt, seed=seed)
+    step = training.make_train_step(group.make_group_loss_fn(gcfg), opt, model_def=mdef,
+                                    shardings=training.state_shardings(state))
+    loader = _loader(prompts, gcfg.prompts_per_step, seed)
+    ref_params = nnx.to_pure_dict(nnx.state(ref, nnx.Param)) if gcfg.beta > 0 else None
+    gs = group.GroupStep(gcfg, train_step=step, sampler=Sampler(model), reward_fn=reward_fn, tokenizer=tok,
+                         prompts=loader, reference_params=ref_params, reference_model=ref if ref_params else None,
+                         seed=seed)
+    history = []
+    for _ in range(steps):
+        state, m = gs(state, next(loader))
+        history.append({k: float(v) for k, v in m.items()})
+    return gs, state, history
+
+
+@pytest.mark.parametrize("preset", ["grpo", "dr_grpo", "dapo"])
+def test_group_presets_raise_their_reward(task, preset):
+    _, _, hist = _group_run(task, preset, 16)
+    first = np.mean([h["reward_mean"] for h in hist[:4]])
+    last = np.mean([h["reward_mean"] for h in hist[-4:]])
+    assert last > first + 0.15, (first, last)
+
+
+def test_dapo_builds_no_reference_and_grpo_does(task):
+    gs, _, hist = _group_run(task, "dapo", 1)
+    assert gs.ref_logps is None and "ref_logps" not in gs.last_batch and "kl" not in hist[0]
+    gs, _, hist = _group_run(task, "grpo", 1)
+    assert "ref_logps" in gs.last_batch and hist[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_dynamic_sampling_refills_the_batch(task):
+    """Prompts with an even first operand are always right (their groups carry no signal);
+    the others get rewards that differ within the group."""
+
+    def half_solved(rollout):
+        even = np.array([int(p.split("+")[0]) % 2 == 0 for p in rollout.prompts])
+        alternating = np.arange(len(even)) % 2
+        return np.where(even, 1.0, alternating).astype(np.float32)
+
+    gs, _, hist = _group_run(task, "dapo", 3, reward_fn=half_solved, overlong_filter=False,
+                             max_sampling_rounds=16)
+    for h in hist:
+        assert h["groups_kept"] == 4 and h["groups_drawn"] > 4
+    batch = gs.last_batch
+    adv = batch["advantages"].reshape(4, 4)
+    assert (np.abs(adv).max(1) > 0).all()  # every kept group is informative
+    assert (batch["weights"] == 1).all()
+
+
+def test_dynamic_sampling_gives_up_after_max_rounds_without_duplicating(task):
+    gs, _, hist = _group_run(task, "dapo", 1, reward_fn=lambda r: np.ones(len(r.completions), np.float32),
+                             max_sampling_rounds=2)
+    assert hist[0]["groups_drawn"] == 8 and hist[0]["groups_kept"] == 0
+    assert (gs.last_batch["weights"] == 0).all()  # all rows masked out, the update is a no-op
+    assert hist[0]["skipped_steps"] == 1  # 0/0 loss: the NaN guard drops the update
+
+
+def test_same_seed_same_results(task):
+    _, s1, h1 = _group_run(task, "grpo", 2)
+    _, s2, h2 = _group_run(task, "grpo", 2)
+    assert h1[-1]["loss"] == h2[-1]["loss"] and h1[-1]["reward_mean"] == h2[-1]["reward_mean"]
+    np.testing.assert_array_equal(np.asarray(s1.params["embed"]), np.asarray(s2.params["embed"]))
+    _, _, h3 = _group_run(task, "grpo", 2, seed=1)
+    assert h3[-1]["loss"] != h1[-1]["loss"]
+
+
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+def test_ppo_learns_value_and_reward(task, critic):
+    tok, prompts, cfg = task
+    model = models.Transformer(cfg, rngs=nnx.Rngs(0))
+    ref = models.Transformer(cfg, rngs=nnx.Rngs(0))
+    ac = ppo.ActorCritic(model, shared=critic == "shared")
+    pcfg = ppo.PPOConfig(prompts_per_step=16, sampling=SamplingConfig(max_new_tokens=4), kl_coef=0.01,
+                         epochs=2, minibatches=2, vf_coef=0.5, critic=critic)
+    opt = training.make_optimizer(training.OptimConfig(lr=3e-3, schedule="constant"))
+    state, mdef = training.init_train_state(ac, opt)
+    step = training.make_train_step(ppo.make_ppo_loss_fn(pcfg), opt, model_def=mdef,
+                                    shardings=training.state_shardings(state))
+    ps = ppo.PPOStep(pcfg, train_step=step, model=ac, reference=ref, reward_fn=sevens, tokenizer=tok,
+                     sampler=Sampler(ac.actor))
+    loader = _loader(prompts, 16)
+    hist = []
+    for _ in range(12):
+        state, m = ps(state, next(loader))
+        hist.append({k: float(v) for k, v in m.items()})
+    assert np.mean([h["value_loss"] for h in hist[-3:]]) < np.mean([h["value_loss"] for h in hist[:3]])
+    assert np.mean([h["reward_mean"] for h in hist[-3:]]) > np.mean([h["reward_mean"] for h in hist[:3]]) + 0.1
+    assert hist[-1]["kl_ref"] > 0  # the policy moved away from the reference
+    if critic == "shared":
+        assert set(state.params["critic"]) == {"head"}

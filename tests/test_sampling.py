@@ -1,0 +1,213 @@
+"""The sampler against teacher forcing: log-probs, masks, EOS, n samples, keys, compiles, sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxalign import sharding as shd
+from jaxalign.models import load_hf
+from jaxalign.sampling import Sampler, bucket_length, compile_stats, generate, sampling_logprobs, token_logprobs
+from tests._hf_models import build_hf_lm
+
+TOL = 1e-5
+EOS = 2  # the tiny Hugging Face models' eos_token_id
+LENGTHS = (3, 7, 5, 10)  # real prompt tokens per row; left-padded to 10
+MAX_NEW = 12
+
+
+def left_padded_prompts(vocab: int, lengths, seed: int = 0, pad_id: int = 0):
+    """Tokens and mask `[B, max(lengths)]`, real tokens right-aligned."""
+    rng = np.random.default_rng(seed)
+    width = max(lengths)
+    tokens = np.full((len(lengths), width), pad_id, np.int32)
+    mask = np.zeros((len(lengths), width), np.int32)
+    for i, n in enumerate(lengths):
+        tokens[i, width - n:] = rng.integers(3, vocab, size=n)
+        mask[i, width - n:] = 1
+    return tokens, mask
+
+
+def teacher_forced(model, result, **filters):
+    """Log-probs `[R, N]` of the completion tokens recomputed by one full forward pass.
+
+    Returns (filtered log-probs with `filters` = temperature/top_k/top_p, plain log-softmax).
+    """
+    tokens, mask = result.sequences()
+    width = result.prompts.shape[1]
+    logits = model(tokens, attention_mask=mask)[:, width - 1:-1]  # the logits that produced each completion token
+    filtered = token_logprobs(sampling_logprobs(logits, **filters), result.completions)
+    raw = token_logprobs(jax.nn.log_softmax(logits, axis=-1), result.completions)
+    return np.asarray(filtered), np.asarray(raw)
+
+
+def masked_max_diff(a, b, mask) -> float:
+    valid = np.asarray(mask).astype(bool)
+    return float(np.abs(np.asarray(a)[valid] - np.asarray(b)[valid]).max())
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    build_hf_lm("llama", path, seed=3)
+    model, cfg = load_hf(path)
+    return model, cfg, path
+
+
+@pytest.fixture(scope="module")
+def prompts(llama):
+    _, cfg, _ = llama
+    return left_padded_prompts(cfg.vocab_size, LENGTHS, seed=1)
+
+
+def eos_from_trajectories(model, prompts, **options):
+    """Two token ids that end rows at different steps: picked from a first run.
+
+    Row r's draw at column t depends only on (key, r, t) and the row's own
+    history, so with these ids as EOS the rows follow the same trajectories
+    and stop at the first occurrence.
+    """
+    first = generate(model, *prompts, max_new_tokens=MAX_NEW, eos_ids=(EOS, EOS), **options)
+    tokens = np.asarray(first.completions)
+    return int(tokens[0, 2]), int(tokens[5, 6])
+
+
+def check_stops(result, eos_ids, pad_id=0):
+    """EOS is the last masked-in token; after it pad_id with mask 0; lengths and truncated agree."""
+    tokens, mask = np.asarray(result.completions), np.asarray(result.mask)
+    lengths, truncated = np.asarray(result.lengths), np.asarray(result.truncated)
+    np.testing.assert_array_equal(lengths, mask.sum(1))
+    for row in range(tokens.shape[0]):
+        hits = np.flatnonzero(np.isin(tokens[row], eos_ids) & (mask[row] == 1))
+        stop = hits[0] + 1 if len(hits) else tokens.shape[1]
+        assert lengths[row] == stop and truncated[row] == (len(hits) == 0)
+        np.testing.assert_array_equal(mask[row], np.arange(tokens.shape[1]) < stop)
+        assert (tokens[row, stop:] == pad_id).all()
+        assert (np.asarray(result.logprobs)[row, stop:] == 0).all()
+    return lengths
+
+
+SETTINGS = {
+    "plain": dict(temperature=1.0),
+    "filtered": dict(temperature=0.7, top_k=20, top_p=0.9),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_logprobs_equal_teacher_forcing(llama, prompts, setting):
+    """Reported log-probs = the sampled distribution recomputed over [prompt ; completion]."""
+    model, _, _ = llama
+    filters = SETTINGS[setting]
+    options = dict(rng=jax.random.key(7), n=2, return_raw_logprobs=True, **filters)
+    eos_ids = eos_from_trajectories(model, prompts, **options)
+    result = generate(model, *prompts, max_new_tokens=MAX_NEW, eos_ids=eos_ids, **options)
+    lengths = check_stops(result, eos_ids)
+    assert len(set(lengths.tolist())) >= 3 and lengths.max() == MAX_NEW, lengths  # stops at different steps
+    np.testing.assert_array_equal(np.asarray(result.prompt_index), np.repeat(np.arange(4), 2))
+    assert np.isfinite(np.asarray(result.logprobs)).all()
+
+    ref, ref_raw = teacher_forced(model, result, **filters)
+    diff = masked_max_diff(result.logprobs, ref, result.mask)
+    raw_diff = masked_max_diff(result.raw_logprobs, ref_raw, result.mask)
+    print(f"{setting}: max |logprob - teacher forced| = {diff:.2e}, raw {raw_diff:.2e}")
+    assert diff <= TOL and raw_diff <= TOL
+
+
+def test_deterministic_for_a_key(llama, prompts):
+    model, _, _ = llama
+    run = lambda key: generate(model, *prompts, max_new_tokens=MAX_NEW, rng=jax.random.key(key), n=2,
+                               return_raw_logprobs=True, eos_ids=(EOS, EOS))
+    a, b, c = run(11), run(11), run(12)
+    np.testing.assert_array_equal(np.asarray(a.completions), np.asarray(b.completions))
+    np.testing.assert_array_equal(np.asarray(a.logprobs), np.asarray(b.logprobs))
+    assert (np.asarray(a.completions) != np.asarray(c.completions)).mean() > 0.5
+
+
+def test_n_samples_prefill_once_equals_tiled_prompts(llama, prompts):
+    """n samples per prompt are rows i*n..i*n+n-1, same as repeating the prompts before prefill."""
+    model, _, _ = llama
+    options = dict(max_new_tokens=MAX_NEW, rng=jax.random.key(5), return_raw_logprobs=True, eos_ids=(EOS, EOS))
+    grouped = generate(model, *prompts, n=2, **options)
+    tiled = generate(model, *(np.repeat(x, 2, axis=0) for x in prompts), n=1, **options)
+    np.testing.assert_array_equal(np.asarray(grouped.completions), np.asarray(tiled.completions))
+    np.testing.assert_array_equal(np.asarray(grouped.prompts), np.asarray(tiled.prompts))
+    assert masked_max_diff(grouped.logprobs, tiled.logprobs, grouped.mask) <= TOL
+    # The two samples of one prompt differ (they are not copies of one draw).
+    tokens = np.asarray(grouped.completions)
+    assert (tokens[0::2] != tokens[1::2]).any(axis=1).all()
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(llama, prompts):
+    """k and p are traced values: these runs share the compiled program of the "filtered" setting."""
+    model, cfg, _ = llama
+    options = dict(max_new_tokens=MAX_NEW, eos_ids=(EOS, EOS), n=2, return_raw_logprobs=True)
+    greedy = generate(model, *prompts, rng=jax.random.key(0), greedy=True, **options)
+    before = compile_stats().count
+    top_k = generate(model, *prompts, rng=jax.random.key(1), temperature=0.7, top_k=1, top_p=1.0, **options)
+    top_p = generate(model, *prompts, rng=jax.random.key(2), temperature=0.7, top_k=cfg.vocab_size, top_p=1e-6,
+                     **options)
+    assert compile_stats().count - before <= 1
+    check_stops(greedy, (EOS,))
+    for other in (top_k, top_p):
+        np.testing.assert_array_equal(np.asarray(other.completions), np.asarray(greedy.completions))
+        np.testing.assert_array_equal(np.asarray(other.mask), np.asarray(greedy.mask))
+        # One token kept: the distribution is a point mass.
+        assert np.abs(np.asarray(other.logprobs)).max() == 0.0
+
+
+def test_compiles_are_bounded_by_buckets(llama):
+    """Prompt widths 3..13 share one bucket, so do budgets 9..16: one compile for all."""
+    model, cfg, _ = llama
+    sampler = Sampler(model)
+    params = nnx.state(model, nnx.Param)
+    before = compile_stats().count
+    for i, (width, budget) in enumerate([(3, 9), (5, 16), (8, 12), (11, 10), (13, 16)]):
+        tokens, mask = left_padded_prompts(cfg.vocab_size, (width, max(1, width - 2), 2), seed=i)
+        out = sampler(params, tokens, mask, max_new_tokens=budget, rng=jax.random.key(i), temperature=0.9)
+        assert out.completions.shape == (3, budget)
+    assert compile_stats().count - before == 1
+    assert [bucket_length(x) for x in (1, 16, 17, 100)] == [16, 16, 32, 128]
+
+
+def test_pure_dict_params_like_a_train_state(llama, prompts):
+    """The trainer's layout (`nnx.to_pure_dict`) runs the same program as the nnx.State."""
+    model, _, _ = llama
+    sampler = Sampler(model)
+    options = dict(max_new_tokens=MAX_NEW, rng=jax.random.key(3), n=2, eos_ids=(EOS, EOS), return_raw_logprobs=True)
+    a = sampler(nnx.state(model, nnx.Param), *prompts, **options)
+    before = compile_stats().count
+    b = sampler(nnx.to_pure_dict(nnx.state(model, nnx.Param)), *prompts, **options)
+    assert compile_stats().count == before
+    np.testing.assert_array_equal(np.asarray(a.completions), np.asarray(b.completions))
+    with pytest.raises(ValueError, match="do not match"):
+        sampler({"embed": jnp.zeros((3, 3))}, *prompts, **options)
+
+
+def test_rejects_right_padding(llama, prompts):
+    model, _, _ = llama
+    tokens, mask = prompts
+    with pytest.raises(ValueError, match="left-padded"):
+        generate(model, tokens, mask[:, ::-1], max_new_tokens=4, rng=jax.random.key(0))
+
+
+def test_sharded_params_and_batch_match_one_device(llama, prompts):
+    """Params split over (fsdp, tensor), rows over (data, fsdp) on 8 CPU devices: same samples."""
+    model, _, path = llama
+    assert jax.device_count() == 8
+    mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=2, tensor=2))
+    sharded_model, _ = load_hf(path)
+    shd.shard_model(sharded_model, mesh)
+    params = nnx.state(sharded_model, nnx.Param)
+    assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in jax.tree.leaves(params))
+    options = dict(max_new_tokens=MAX_NEW, rng=jax.random.key(9), n=2, eos_ids=(EOS, EOS), return_raw_logprobs=True,
+                   **SETTINGS["filtered"])
+    with jax.set_mesh(mesh):
+        placed = shd.shard_batch(prompts, mesh)
+        out = Sampler(sharded_model)(params, *placed, **options)
+    assert len(out.completions.sharding.device_set) == 8
+    ref = generate(model, *prompts, **options)
+    np.testing.assert_array_equal(np.asarray(out.completions), np.asarray(ref.completions))
+    diff = masked_max_diff(out.logprobs, ref.logprobs, ref.mask)
+    print(f"sharded vs one device: max |logprob diff| = {diff:.2e}")
+    assert diff <= TOL

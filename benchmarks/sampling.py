@@ -118,7 +118,7 @@ def main() -> None:
           f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs")
     print(HEADER, flush=True)
     rows = bench_model("tiny-llama", (1, 8, 32), (64, 256), repeats=3)
-    rows += bench_model("llama-110M", (1, 8, 32), (64,) if args.quick else (64, 256), repeats=1)
+    rows += bench_model("llama-110M", (1, 8, 32), (64,) if args.quick else (64, 256), repeats=2)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     env = dict(jax=jax.__version__, torch=torch.__version__, cpus=os.cpu_count(), machine=platform.machine(),

@@ -16,14 +16,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "comparison config", lock_config=True)
 
 
 def main(argv):
     del argv
+    cfg = flags.FLAGS.config
     from jaxalign import comparison as pipeline
 
-    cfg = _CONFIG.value
     t0 = time.perf_counter()
     rows, curves = pipeline.run_comparison(cfg)
     pipeline.write_results(rows, curves, cfg.results)
@@ -32,5 +31,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Defined here, not at import: the scripts import each other's helpers.
+    config_flags.DEFINE_config_file("config", None, "comparison config", lock_config=True)
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -19,7 +19,6 @@ from ml_collections import config_flags  # noqa: E402
 
 from jaxalign import sharding  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
 
 
 def build_model(model_cfg, mesh, *, value_head: bool = False):
@@ -172,9 +171,12 @@ def run(config) -> dict:
 
 def main(argv):
     del argv
-    run(_CONFIG.value)
+    cfg = flags.FLAGS.config
+    run(cfg)
 
 
 if __name__ == "__main__":
+    # Defined here, not at import: the scripts import each other's helpers.
+    config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -314,6 +314,11 @@ def run_comparison(cfg, algorithms=ALGORITHMS):
     evaluator = Evaluator(task, model, sft_params)
     pairs = label_pairs(cfg, task, model, sft_params)
     scorer, rm_info = train_reward_model(cfg, model, sft_params, pairs)
+    # Checkpoints the per-algorithm configs (experiments/configs/*_arithmetic.py) start from.
+    models.save_hf(model, os.path.join(cfg.workdir, "sft"), tokenizer=task.tokenizer)
+    models.save_hf(nnx.merge(scorer.graphdef, scorer.state), os.path.join(cfg.workdir, "reward_model"),
+                   tokenizer=task.tokenizer, extra_config={reward_model.NORM_KEY: {"mean": scorer.mean,
+                                                                                  "std": scorer.std}})
     rm_params = evaluation.count_params(scorer.state)
     setups = {
         "DPO": lambda: setup_dpo(cfg, task, model, sft_params, pairs, rpo=False),

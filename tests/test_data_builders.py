@@ -104,8 +104,8 @@ def test_builder_without_files_says_how_to_configure(tmp_path):
 
 
 def test_parquet_source(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa  # a tensorflow-datasets dependency
+    import pyarrow.parquet as pq
     path = tmp_path / "pairs.parquet"
     pq.write_table(pa.table({k: [r[k] for r in PAIRS] for k in ("prompt", "chosen", "rejected")}), path)
     source = data.prepare("preference", path, data_dir=tmp_path / "tfds")["train"]

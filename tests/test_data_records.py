@@ -114,8 +114,8 @@ def test_bad_policy_and_kind_are_rejected(tmp_path):
 
 
 def test_parquet_rows_are_validated_like_lines(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa  # a tensorflow-datasets dependency
+    import pyarrow.parquet as pq
     path = tmp_path / "sft.parquet"
     pq.write_table(pa.table({"prompt": ["a", "b", "c"], "completion": ["x", None, "z"]}), path)
     with pytest.raises(DataError, match=re.escape(f"{path}:2: field 'completion' is null")):

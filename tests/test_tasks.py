@@ -43,3 +43,14 @@ def test_held_out_split_is_disjoint_and_fixed():
 
 def test_exact_match():
     np.testing.assert_array_equal(exact_match(["861", " 861", "86", "8610"], ["861"] * 4), [1, 1, 0, 0])
+
+
+def test_numeric_match_reads_the_final_number():
+    from jaxalign.rewards import last_number, numeric_match
+
+    assert last_number("so 3 + 4 = 7 apples") == 7.0
+    assert last_number("work 12 ... #### 1,000") == 1000.0
+    assert last_number("\\boxed{-2.5} and 9 later") == -2.5
+    assert last_number("no digits") is None
+    got = numeric_match(["The answer is 42.", "#### 41", "", "4,2"], ["42", "42", "42", "42"])
+    np.testing.assert_array_equal(got, [1, 0, 0, 1])

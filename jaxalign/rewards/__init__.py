@@ -7,6 +7,7 @@ to one float per completion: `fn(rollout) -> np.ndarray [R]`. Text checkers
 
 from jaxalign.rewards.base import Rollout, RewardFn, combine, from_verifier
 from jaxalign.rewards.model import RewardModelScorer
-from jaxalign.rewards.verifiers import exact_match
+from jaxalign.rewards.verifiers import VERIFIERS, exact_match, last_number, numeric_match
 
-__all__ = ["RewardFn", "RewardModelScorer", "Rollout", "combine", "exact_match", "from_verifier"]
+__all__ = ["VERIFIERS", "RewardFn", "RewardModelScorer", "Rollout", "combine", "exact_match", "from_verifier",
+           "last_number", "numeric_match"]

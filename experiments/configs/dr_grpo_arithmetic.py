@@ -1,0 +1,10 @@
+"""Dr. GRPO on the built-in arithmetic task, from the SFT checkpoint `make demo` writes.
+
+    python experiments/rl.py --config experiments/configs/dr_grpo_arithmetic.py
+"""
+
+from experiments.configs.rl_base import arithmetic_config
+
+
+def get_config():
+    return arithmetic_config("dr_grpo")

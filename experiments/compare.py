@@ -13,14 +13,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from experiments.cli import launch  # noqa: E402
 
 
-
-def main(argv):
-    del argv
-    cfg = flags.FLAGS.config
+def main(cfg) -> None:
     from jaxalign import comparison as pipeline
 
     t0 = time.perf_counter()
@@ -31,7 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    # Defined here, not at import: the scripts import each other's helpers.
-    config_flags.DEFINE_config_file("config", None, "comparison config", lock_config=True)
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    launch(main, "comparison config")

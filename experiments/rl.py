@@ -15,8 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from experiments.cli import launch  # noqa: E402
 
 from experiments.train import build_model  # noqa: E402
 from jaxalign import sharding  # noqa: E402
@@ -137,14 +136,5 @@ def run(config) -> dict:
     return {"rows": rows, "state": state}
 
 
-def main(argv):
-    del argv
-    cfg = flags.FLAGS.config
-    run(cfg)
-
-
 if __name__ == "__main__":
-    # Defined here, not at import: the scripts import each other's helpers.
-    config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    launch(run)

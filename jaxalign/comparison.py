@@ -216,7 +216,7 @@ def setup_dpo(cfg, task, model, sft_params, pairs, *, rpo: bool) -> Run:
     n = evaluation.count_params(sft_params)
     first = dpo.attach_reference(loader.batch_at(0, 0), table=table)
     return Run("DPO + NLL (RPO)" if rpo else "DPO", state, step, batches, lambda p: p,
-               [("policy", n)], step, lambda: first)
+               [("policy (reference log-probs precomputed)", n)], step, lambda: first)
 
 
 def setup_ppo(cfg, task, model, sft_params, scorer, rm_params: int | None) -> Run:
@@ -377,17 +377,18 @@ def write_results(rows: list[dict], curves: dict, out_dir: str) -> None:
         if meta:
             f.write(f"\nSFT: {meta['sft_steps']} steps ({meta['sft_time_s']:.0f} s) to "
                     f"{meta['sft_accuracy']:.1%} held-out accuracy; {meta['pairs']} verifier-labelled pairs; "
-                    f"budget per algorithm: {meta['budget']}.\n")
+                    f"reward model pair accuracy (train, last 20 steps) "
+                    f"{meta['reward_model']['train_accuracy_last20']:.1%}; budget per algorithm: {meta['budget']}.\n")
     algos = [k for k in curves if k not in ("SFT", "_meta")]
     panels = [("accuracy", "step", "held-out accuracy"), ("accuracy", "time_s", "held-out accuracy"),
               ("kl_to_sft", "step", "KL to SFT (nats / completion)"), ("reward_mean", "step", "train reward"),
               ("response_length_mean", "step", "response length (tokens)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, (key, x, label) in zip(axes, panels):
-        for name in algos:
+        for i, name in enumerate(algos):  # one colour per algorithm in every panel
             pts = [p for p in curves[name] if key in p]
             if pts:
-                ax.plot([p[x] for p in pts], [p[key] for p in pts], marker="o", ms=3, label=name)
+                ax.plot([p[x] for p in pts], [p[key] for p in pts], marker="o", ms=3, label=name, color=f"C{i}")
         ax.set_xlabel("wall time of training (s)" if x == "time_s" else "step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

@@ -166,3 +166,20 @@ def test_every_parameter_has_logical_axes():
         for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
             axes = var.get_metadata().get("axes")
             assert axes is not None and len(axes) == var[...].ndim, (family, path, axes)
+
+
+def test_load_hf_on_a_mesh_places_params_by_the_rules(llama_dir):
+    import jax
+
+    from jaxalign import sharding
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    model, cfg = load_hf(llama_dir, mesh=mesh)
+    single, _ = load_hf(llama_dir)
+    q = model.layers[0].attn.q[...]
+    assert q.sharding.spec == sharding.spec_for(("embed", "heads", "head_dim"), q.shape, mesh)
+    assert len(q.sharding.device_set) == 8
+    tokens = jnp.arange(1, 17).reshape(2, 8)
+    with jax.set_mesh(mesh):
+        sharded_logits = np.asarray(model(tokens))
+    np.testing.assert_allclose(sharded_logits, np.asarray(single(tokens)), atol=1e-5)

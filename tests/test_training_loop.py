@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jaxalign.training import Checkpointer, NonFiniteError
+from jaxalign.training.metrics import read_jsonl
 from tests._train_worker import build, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,7 +114,7 @@ def test_resume_after_kill9_is_exact(tmp_path):
         # Kill between checkpoints: after step 7 is logged (checkpoint 6 is
         # committed or in flight, checkpoint 9 not yet started).
         while time.time() < deadline and proc.poll() is None:
-            if os.path.exists(metrics) and any(r["step"] >= 7 for r in _safe_rows(metrics)):
+            if os.path.exists(metrics) and any(r["step"] >= 7 for r in read_jsonl(metrics)):
                 break
             time.sleep(0.05)
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
@@ -124,7 +125,7 @@ def test_resume_after_kill9_is_exact(tmp_path):
             proc.kill()
             proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    logged_before_kill = max(r["step"] for r in _safe_rows(metrics))
+    logged_before_kill = max(r["step"] for r in read_jsonl(metrics))
     assert 7 <= logged_before_kill < steps
 
     ckpt = Checkpointer(os.path.join(killed_dir, "ckpt"), save_every=every)
@@ -149,15 +150,6 @@ def test_resume_after_kill9_is_exact(tmp_path):
     assert sorted(tb["loss"]) == list(range(1, steps + 1))
 
 
-def _safe_rows(path):
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return rows
 
 
 def test_final_state_matches_numpy_checkpoint(tmp_path):

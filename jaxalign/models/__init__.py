@@ -13,12 +13,13 @@ from jaxalign.models.config import (
     config_from_hf,
 )
 from jaxalign.models.convert import CheckpointError, check_tokenizer, hf_config_dict, load_hf, save_hf
+from jaxalign.models.gguf import gguf_to_hf, load_gguf
 from jaxalign.models.heads import ValueModel, last_token_scores, with_value_head
 from jaxalign.models.transformer import KVCache, Transformer
 from jaxalign.models.tiny import tiny_config
 
 __all__ = [
     "SUPPORTED_FAMILIES", "CheckpointError", "KVCache", "ModelConfig", "RopeConfig", "Transformer",
-    "UnsupportedConfigError", "ValueModel", "check_tokenizer", "config_from_hf", "hf_config_dict",
-    "last_token_scores", "load_hf", "save_hf", "tiny_config", "with_value_head",
+    "UnsupportedConfigError", "ValueModel", "check_tokenizer", "config_from_hf", "gguf_to_hf", "hf_config_dict",
+    "last_token_scores", "load_gguf", "load_hf", "save_hf", "tiny_config", "with_value_head",
 ]

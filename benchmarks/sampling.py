@@ -19,12 +19,29 @@ import functools
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _pin_threads(argv: list[str]) -> None:
+    """`--threads N`: run both libraries on the first N cores only, set before they load.
+
+    On a machine shared with other jobs, two-thread torch collapses (its
+    OpenMP workers spin waiting for a descheduled peer) while XLA degrades
+    gently, which would make the comparison meaningless; one core each is
+    robust to a neighbour. XLA sizes its pool from the affinity mask.
+    """
+    if "--threads" in argv:
+        n = int(argv[argv.index("--threads") + 1])
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:n])
+
+
+_pin_threads(sys.argv)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -110,18 +127,24 @@ def format_row(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="~110M model at 64 new tokens only")
+    parser.add_argument("--threads", type=int, default=None, help="use only the first N cores (both sides)")
     parser.add_argument("--out", default="results/sampling.json")
     args = parser.parse_args()
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cores = len(os.sched_getaffinity(0))
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs")
+          f"({torch.get_num_threads()} threads), {cores} of {os.cpu_count()} CPUs")
     print(HEADER, flush=True)
     rows = bench_model("tiny-llama", (1, 8, 32), (64, 256), repeats=3)
     rows += bench_model("llama-110M", (1, 8, 32), (64,) if args.quick else (64, 256), repeats=2)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(jax=jax.__version__, torch=torch.__version__, cpus=os.cpu_count(), machine=platform.machine(),
+    env = dict(jax=jax.__version__, torch=torch.__version__, cpus=os.cpu_count(), cores_used=cores,
+               torch_threads=torch.get_num_threads(), machine=platform.machine(),
                quick=args.quick, prompt_len=PROMPT_LEN, sampling="temperature 1, no top-k/top-p, no EOS")
     out.write_text(json.dumps(dict(env=env, rows=rows), indent=1) + "\n")
     print(f"wrote {out}")

@@ -183,3 +183,20 @@ def test_load_hf_on_a_mesh_places_params_by_the_rules(llama_dir):
     with jax.set_mesh(mesh):
         sharded_logits = np.asarray(model(tokens))
     np.testing.assert_allclose(sharded_logits, np.asarray(single(tokens)), atol=1e-5)
+
+
+def test_float64_model_computes_in_float64_throughout(llama_dir):
+    """Norms, rotary embeddings, softmax and logits widen to the model's dtype: a float64
+    model is a numerical reference (the float32 model agrees with it to float32 rounding)."""
+    import jax
+
+    tokens = jnp.arange(1, 17).reshape(2, 8)
+    f32, _ = load_hf(llama_dir)
+    ref32 = np.asarray(f32(tokens), np.float64)
+    with jax.enable_x64(True):
+        f64, _ = load_hf(llama_dir, dtype=jnp.float64)
+        logits = f64(tokens)
+        assert logits.dtype == jnp.float64
+        again = np.asarray(logits)
+    assert np.abs(again - ref32).max() < 1e-5
+    assert np.abs(again - ref32).max() > 0  # not float32 in disguise

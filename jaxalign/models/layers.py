@@ -18,6 +18,12 @@ Array = jax.Array
 _NEG_INF = -1e30  # finite, so fully masked rows (padding) give no NaN
 
 
+def upcast(dtype) -> jnp.dtype:
+    """The dtype norms, rotary embeddings and softmax run in: float32, or wider if the model is
+    (a float64 model is then float64 throughout, usable as a numerical reference)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def param(rngs: nnx.Rngs | None, shape, axes, *, init="normal", dtype=jnp.float32, std=0.02) -> nnx.Param:
     """A parameter with logical axis names; `rngs=None` is for abstract (shape-only) builds."""
     if init == "zeros":
@@ -42,7 +48,7 @@ def activation(name: str, x: Array) -> Array:
 
 
 class Norm(nnx.Module):
-    """RMSNorm (optionally with Gemma's `1 + w` scale) or LayerNorm, in float32."""
+    """RMSNorm (optionally with Gemma's `1 + w` scale) or LayerNorm, in float32 (or wider)."""
 
     def __init__(self, dim: int, cfg: ModelConfig, *, rngs, param_dtype, axes=("norm",)):
         self.kind, self.eps, self.plus_one = cfg.norm, cfg.norm_eps, cfg.norm_plus_one
@@ -52,27 +58,29 @@ class Norm(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         dtype = x.dtype
-        x = x.astype(jnp.float32)
+        wide = upcast(dtype)
+        x = x.astype(wide)
         if self.kind == "layer":
             x = x - x.mean(-1, keepdims=True)
         x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps)
-        scale = self.scale[...].astype(jnp.float32)
+        scale = self.scale[...].astype(wide)
         if self.plus_one:
             scale = 1.0 + scale
         x = x * scale
         if self.kind == "layer":
-            x = x + self.bias[...].astype(jnp.float32)
+            x = x + self.bias[...].astype(wide)
         return x.astype(dtype)
 
 
 def apply_rope(x: Array, positions: Array, rope: RopeConfig) -> Array:
     """Rotate `x: [B, T, H, D]` by `positions: [B, T]` (half-split layout, as Hugging Face)."""
     d = x.shape[-1]
-    inv = jnp.asarray(rope_inv_freq(rope, d), jnp.float32)  # [D/2]
-    angles = positions.astype(jnp.float32)[..., None] * inv  # [B, T, D/2]
+    wide = upcast(x.dtype)
+    inv = jnp.asarray(rope_inv_freq(rope, d), wide)  # [D/2]
+    angles = positions.astype(wide)[..., None] * inv  # [B, T, D/2]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(wide)
     x1, x2 = x32[..., : d // 2], x32[..., d // 2 :]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -142,7 +150,7 @@ class Attention(nnx.Module):
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= self.layer + 1
         qg = q.reshape(b, t, kvh, h // kvh, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(dt)).astype(jnp.float32) * scale
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(dt)).astype(upcast(dt)) * scale
         if cfg.attn_softcap:
             scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
         scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)

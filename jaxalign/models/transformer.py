@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign.models.config import ModelConfig
-from jaxalign.models.layers import MLP, Attention, Norm, default_positions, make_attention_mask, param
+from jaxalign.models.layers import MLP, Attention, Norm, default_positions, make_attention_mask, param, upcast
 
 Array = jax.Array
 
@@ -155,10 +155,10 @@ class Transformer(nnx.Module):
         return x, cache
 
     def logits(self, hidden: Array) -> Array:
-        """Project hidden states `[B, T, D]` to float32 logits `[B, T, V]`."""
+        """Project hidden states `[B, T, D]` to float32 (or wider) logits `[B, T, V]`."""
         cfg = self.cfg
         w = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        out = jnp.einsum("btd,dv->btv", hidden, w.astype(hidden.dtype)).astype(jnp.float32)
+        out = jnp.einsum("btd,dv->btv", hidden, w.astype(hidden.dtype)).astype(upcast(hidden.dtype))
         if cfg.final_softcap:
             out = jnp.tanh(out / cfg.final_softcap) * cfg.final_softcap
         return out

@@ -39,6 +39,7 @@ from jaxalign.losses import (
     whiten,
 )
 from jaxalign.models import Transformer, ValueModel, with_value_head
+from jaxalign.training import ModelDef
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,12 +105,11 @@ def make_ppo_loss_fn(cfg: PPOConfig):
 
 
 def _values_fn(critic: ValueModel):
-    graphdef, _, rest = nnx.split(critic, nnx.Param, ...)
-    treedef = jax.tree.structure(nnx.state(critic, nnx.Param))
+    model_def, _ = ModelDef.of(critic)
 
     @jax.jit
     def fn(params, tokens, attention_mask):
-        m = nnx.merge(graphdef, jax.tree.unflatten(treedef, jax.tree.leaves(params)), rest)
+        m = model_def.merge(params)
         return m(tokens, attention_mask=attention_mask)[:, :-1]
 
     return fn

@@ -18,6 +18,7 @@ from flax import nnx
 from jaxalign.algorithms.common import response_logprobs
 from jaxalign.rewards import Rollout
 from jaxalign.sampling import Sampler
+from jaxalign.training import ModelDef
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +66,11 @@ def positions(mask: np.ndarray) -> np.ndarray:
 
 def make_logprob_fn(model: nnx.Module, *, temperature: float = 1.0):
     """A jitted `(params, batch) -> logps [R, T-1]` for a frozen model (reference, old policy)."""
-    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-    treedef = jax.tree.structure(nnx.state(model, nnx.Param))
+    model_def, _ = ModelDef.of(model)
 
     @jax.jit
     def fn(params, tokens, attention_mask, loss_mask):
-        m = nnx.merge(graphdef, jax.tree.unflatten(treedef, jax.tree.leaves(params)), rest)
+        m = model_def.merge(params)
         batch = {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}
         return response_logprobs(m, batch, temperature=temperature)[0]
 

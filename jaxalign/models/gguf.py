@@ -338,6 +338,21 @@ def _default_cache(gguf_path: Path) -> Path:
     return root / "gguf" / gguf_path.stem
 
 
+def converted_dir(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The Hugging Face directory converted from `gguf_path`, converting it on first use.
+
+    `cache_dir` defaults to `$JAXALIGN_CACHE/gguf/<file stem>` (JAXALIGN_CACHE:
+    `~/.cache/jaxalign`); it is reused while it holds a `config.json` and a
+    `model.safetensors`.
+    """
+    gguf_path = Path(gguf_path)
+    cache = Path(cache_dir) if cache_dir is not None else _default_cache(gguf_path)
+    if not ((cache / "config.json").exists() and (cache / "model.safetensors").exists()):
+        log.info("converting %s into %s", gguf_path, cache)
+        gguf_to_hf(gguf_path, cache)
+    return cache
+
+
 def load_gguf(gguf_path: str | os.PathLike, *, dtype=jnp.float32, cache_dir: str | os.PathLike | None = None):
     """Load a Llama-architecture GGUF file as a jaxalign model.
 
@@ -351,11 +366,7 @@ def load_gguf(gguf_path: str | os.PathLike, *, dtype=jnp.float32, cache_dir: str
     """
     from jaxalign.models.convert import load_hf
 
-    gguf_path = Path(gguf_path)
-    cache = Path(cache_dir) if cache_dir is not None else _default_cache(gguf_path)
-    if not ((cache / "config.json").exists() and (cache / "model.safetensors").exists()):
-        log.info("converting %s into %s", gguf_path, cache)
-        gguf_to_hf(gguf_path, cache)
+    cache = converted_dir(gguf_path, cache_dir)
     tokenizer = None
     if (cache / "tokenizer.json").exists():
         from transformers import AutoTokenizer

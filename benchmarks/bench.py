@@ -1,0 +1,258 @@
+"""jaxalign next to TRL and Tunix on the same workloads, in one run, on this machine.
+
+    make bench                                # installs the peers' side venvs, runs everything
+    python -m benchmarks.bench --quick        # one timed step each: a smoke test
+    python -m benchmarks.bench --frameworks jaxalign,trl --models tiny
+
+Each (framework, model, workload) runs in its own process (the runners in
+benchmarks/runners/, the workloads in benchmarks/workloads.py), one after the
+other, so no two compete for the cores and each peak RSS is its own. The
+peers live in side virtualenvs (.bench-venvs/<name>, pinned by
+benchmarks/envs/<name>-requirements.txt; torch==2.13.0 CPU). The matmul
+ceiling is measured in the same run, and jaxalign's model-FLOPs utilisation
+(MFU) is its analytic matmul FLOPs per step over step time over that ceiling.
+
+Prints one table with the ratios and writes results/bench.json (rows
+`{"workload", "framework", "metric", "value", "unit"}`) and results/bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import workloads  # noqa: E402
+
+VENVS = ROOT / ".bench-venvs"
+PEERS = ("trl", "tunix")
+WORKLOADS = ("dpo_step", "grpo_step_g4", "grpo_step_g8", "sample")
+# jaxalign-only scaling on SmolLM2: DPO step time against sequence length and batch.
+SCALING = {
+    "dpo_step@L64": dict(prompt_len=32, completion_len=32),
+    "dpo_step@L256": dict(prompt_len=128, completion_len=128),
+    "dpo_step@B1": dict(pairs=1),
+    "dpo_step@B4": dict(pairs=4),
+}
+HIGHER_IS_BETTER = {"tokens_per_s", "mfu"}
+
+
+def python_of(framework: str) -> str:
+    if framework == "jaxalign":
+        return sys.executable
+    return str(VENVS / framework / "bin" / "python")
+
+
+def ensure_venv(framework: str, install: bool) -> bool:
+    """Create `.bench-venvs/<framework>` from its requirements file if missing; False if unavailable."""
+    py = Path(python_of(framework))
+    stamp = VENVS / framework / ".installed"
+    req = ROOT / "benchmarks" / "envs" / f"{framework}-requirements.txt"
+    if stamp.exists() and stamp.read_text() == req.read_text():
+        return True
+    if not install:
+        return py.exists()
+    print(f"[bench] installing {framework} into {VENVS / framework} from {req.name}", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(VENVS / framework)], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "-r", str(req)], check=True)
+    stamp.write_text(req.read_text())
+    return True
+
+
+def matmul_ceiling(threads: int | None) -> list[dict]:
+    """Best f32 GEMM throughput of XLA (and of torch, from the TRL venv when present), GFLOP/s."""
+    code = r"""
+import json, os, sys, time
+n_threads = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1] != "0" else None
+if n_threads:
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:n_threads])
+lib = sys.argv[2]
+best = {}
+for n in (512, 1024, 2048):
+    if lib == "jax":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        import jax, jax.numpy as jnp
+        a = jnp.ones((n, n), jnp.float32); b = jnp.ones((n, n), jnp.float32)
+        f = jax.jit(lambda a, b: a @ b); f(a, b).block_until_ready()
+        run = lambda: f(a, b).block_until_ready()
+    else:
+        import torch
+        if n_threads: torch.set_num_threads(n_threads)
+        a = torch.ones(n, n); b = torch.ones(n, n); a @ b
+        run = lambda: a @ b
+    reps = max(3, int(2e10 / (2 * n ** 3)))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter(); run(); times.append(time.perf_counter() - t)
+    best[n] = 2 * n ** 3 / sorted(times)[len(times) // 2] / 1e9
+print(json.dumps(best))
+"""
+    rows = []
+    for lib, fw in (("jax", "jaxalign"), ("torch", "trl")):
+        py = python_of(fw)
+        if not Path(py).exists():
+            continue
+        out = subprocess.run([py, "-c", code, str(threads or 0), lib], capture_output=True, text=True,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        if out.returncode:
+            print(f"[bench] matmul ceiling ({lib}) failed:\n{out.stderr[-2000:]}")
+            continue
+        best = json.loads(out.stdout.strip().splitlines()[-1])
+        size, value = max(best.items(), key=lambda kv: kv[1])
+        rows.append({"workload": f"matmul/{lib}", "framework": "matmul-ceiling", "metric": "gflops",
+                     "value": value, "unit": "GFLOP/s", "note": f"f32 {size}x{size} GEMM; all sizes {best}"})
+    return rows
+
+
+def run_one(framework: str, model: str, model_dir: Path, workload: str, *, quick: bool, threads: int | None,
+            override: dict | None = None, timeout: int = 1800) -> list[dict]:
+    runner = ROOT / "benchmarks" / "runners" / f"{framework}_runner.py"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        cmd = [python_of(framework), str(runner), "--model", model, "--model-dir", str(model_dir),
+               "--workload", workload, "--out", str(out)]
+        if quick:
+            cmd.append("--quick")
+        if threads:
+            cmd += ["--threads", str(threads)]
+        if override:
+            cmd += ["--override", json.dumps(override)]
+        t = time.perf_counter()
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            print(f"[bench] {framework} {model} {workload}: timed out after {timeout} s")
+            return [workloads.row(workload, model, framework, "error", float("nan"), "", note="timeout")]
+        wall = time.perf_counter() - t
+        if proc.returncode or not out.exists():
+            tail = (proc.stderr or proc.stdout)[-1500:]
+            print(f"[bench] {framework} {model} {workload}: FAILED ({wall:.0f} s)\n{tail}")
+            return [workloads.row(workload, model, framework, "error", float("nan"), "", note=tail[-300:])]
+        rows = json.loads(out.read_text())
+    print(f"[bench] {framework:8s} {model:8s} {workload:14s} {wall:6.0f} s  " + ", ".join(
+        f"{r['metric']}={r['value']:.4g}" for r in rows if r["metric"] in ("step_time", "tokens_per_s", "peak_rss")),
+        flush=True)
+    return rows
+
+
+def add_mfu(rows: list[dict]) -> list[dict]:
+    """jaxalign MFU rows: model FLOPs per step / step time / the XLA matmul ceiling."""
+    ceiling = next((r["value"] for r in rows if r["workload"] == "matmul/jax"), None)
+    if not ceiling:
+        return rows
+    out = list(rows)
+    index = {(r["workload"], r["framework"], r["metric"]): r["value"] for r in rows}
+    for (w, fw, metric), flops in list(index.items()):
+        if fw != "jaxalign" or metric not in ("model_flops", "train_flops"):
+            continue
+        step = index.get((w, fw, "step_time"))
+        if metric == "train_flops":  # the training part alone: step time less generation
+            gen = index.get((w, fw, "generation_time"))
+            step = None if step is None or gen is None else step - gen
+            name = "train_mfu"
+        else:
+            name = "mfu"
+        if step:
+            out.append({"workload": w, "framework": fw, "metric": name,
+                        "value": 100.0 * flops / step / (ceiling * 1e9), "unit": "%"})
+    return out
+
+
+def table(rows: list[dict], frameworks: list[str]) -> str:
+    metrics = ("step_time", "tokens_per_s", "peak_rss", "mfu", "train_mfu")
+    peers = [f for f in frameworks if f != "jaxalign"]
+    head = ["workload", "metric", "jaxalign"] + peers + [f"jaxalign vs {p}" for p in peers]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    index = {(r["workload"], r["framework"], r["metric"]): r for r in rows}
+    order = []
+    for r in rows:
+        if r["framework"] != "matmul-ceiling" and (r["workload"], r["metric"]) not in order \
+                and r["metric"] in metrics:
+            order.append((r["workload"], r["metric"]))
+    for w, m in order:
+        vals = [index.get((w, f, m)) for f in frameworks]
+        if all(v is None for v in vals):
+            continue
+        unit = next(v["unit"] for v in vals if v)
+        cells = [w, f"{m} ({unit})"] + [f"{v['value']:.4g}" if v else "–" for v in vals]
+        mine = index.get((w, "jaxalign", m))
+        for p in peers:
+            theirs = index.get((w, p, m))
+            if mine and theirs and mine["value"] and theirs["value"] == theirs["value"]:
+                ratio = (mine["value"] / theirs["value"]) if m in HIGHER_IS_BETTER else (theirs["value"] / mine["value"])
+                cells.append(f"{ratio:.2f}×")
+            else:
+                cells.append("–")
+        lines.append("| " + " | ".join(cells) + " |")
+    for r in rows:
+        if r["framework"] == "matmul-ceiling":
+            lines.append(f"\nMatmul ceiling ({r['workload'].split('/')[1]}): {r['value']:.1f} GFLOP/s ({r['note']})")
+    lines.append("\nRatios: > 1× means jaxalign is ahead (peer time / jaxalign time; jaxalign tokens/s / peer "
+                 "tokens/s; peer RSS / jaxalign RSS).")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one warmup and one timed step: a smoke test")
+    ap.add_argument("--frameworks", default="jaxalign,trl,tunix")
+    ap.add_argument("--models", default="tiny,smollm2")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--no-scaling", action="store_true")
+    ap.add_argument("--no-install", action="store_true", help="skip peers whose venv is missing")
+    ap.add_argument("--threads", type=int, default=None, help="pin every process to the first N cores")
+    ap.add_argument("--out", default=str(ROOT / "results"))
+    args = ap.parse_args(argv)
+
+    from models import build_all  # benchmarks/models.py
+
+    model_dirs = build_all(ROOT / "benchmarks" / ".models")
+    frameworks = []
+    for fw in args.frameworks.split(","):
+        if fw == "jaxalign" or ensure_venv(fw, install=not args.no_install):
+            frameworks.append(fw)
+        else:
+            print(f"[bench] {fw}: no venv at {VENVS / fw}, skipped")
+    start = time.time()
+    rows = matmul_ceiling(args.threads)
+    for model in args.models.split(","):
+        for workload in args.workloads.split(","):
+            for fw in frameworks:
+                rows += run_one(fw, model, model_dirs[model], workload, quick=args.quick, threads=args.threads)
+    if not args.no_scaling and "smollm2" in args.models.split(","):
+        for name, override in SCALING.items():
+            rows += run_one("jaxalign", "smollm2", model_dirs["smollm2"], name, quick=args.quick,
+                            threads=args.threads, override=override)
+    rows = add_mfu(rows)
+    text = table(rows, frameworks)
+    meta = {"cpu": _cpu_name(), "cores": len(os.sched_getaffinity(0)), "threads": args.threads,
+            "quick": args.quick, "minutes": round((time.time() - start) / 60, 1)}
+    print("\n" + text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(rows, indent=1))
+    (out / "bench.md").write_text(f"<!-- {json.dumps(meta)} -->\n" + text + "\n")
+    print(f"\n[bench] wrote {out / 'bench.json'} and {out / 'bench.md'} ({meta['minutes']} min)")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""jaxalign's side of the benchmark workloads (see benchmarks/workloads.py).
+
+    python benchmarks/runners/jaxalign_runner.py --model tiny --model-dir DIR --workload dpo_step --out rows.json
+
+Uses the library the way `experiments/` does: `load_hf`, `training.make_train_step`
+with the DPO or group loss, a live frozen reference, `GroupStep` (sampling,
+rewards, advantages, reference log-probs, one AdamW step) and `Sampler`.
+Besides the timing and `peak_rss` rows it reports `model_flops` per step
+(analytic, see `forward_flops`) so the orchestrator can compute MFU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+
+def _pin(argv):
+    if "--threads" in argv:
+        n = int(argv[argv.index("--threads") + 1])
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:n])
+
+
+_pin(sys.argv)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import workloads  # noqa: E402
+
+FW = "jaxalign"
+
+
+def forward_flops(cfg, tokens: int, context: int) -> float:
+    """Matmul FLOPs of one forward pass over `tokens` tokens attending to `context` keys each.
+
+    2 FLOPs per multiply-add: the projections and MLP (2 * params in matmuls),
+    the LM head, and attention scores + weighted values (4 * context * heads * head_dim
+    per token per layer). Embedding lookups and elementwise work are not counted.
+    """
+    d, f, h, kv, hd, layers = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+                               cfg.head_dim, cfg.num_layers)
+    per_layer = d * (h + 2 * kv) * hd + h * hd * d + 3 * d * f
+    matmul_params = layers * per_layer + d * cfg.vocab_size
+    attn = layers * 4 * context * h * hd
+    return float(tokens) * (2 * matmul_params + attn)
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def dpo_step(model_dir: str, model_name: str, s: dict) -> list[dict]:
+    import copy
+
+    import jax
+    import numpy as np
+
+    from jaxalign import training
+    from jaxalign.algorithms import dpo
+    from jaxalign.data import collate_preference
+    from jaxalign.models import load_hf
+
+    model, cfg = load_hf(model_dir)
+    prompt, chosen, rejected = workloads.dpo_batch(cfg.vocab_size, s)
+    c = [np.concatenate([p, x]) for p, x in zip(prompt, chosen)]
+    r = [np.concatenate([p, x]) for p, x in zip(prompt, rejected)]
+    length = s["prompt_len"] + s["completion_len"]
+    batch = collate_preference(c, r, [s["prompt_len"]] * s["pairs"], length=length, pad_id=0)
+    ref_fn = dpo.make_reference_fn(copy.deepcopy(model))
+    loss_fn = dpo.make_dpo_loss_fn(dpo.DPOConfig(beta=workloads.DPO_BETA))
+    optimizer = training.make_optimizer(training.OptimConfig(lr=workloads.LR, schedule="constant",
+                                                             warmup_steps=0, grad_clip_norm=0.0))
+    state, model_def = training.init_train_state(model, optimizer)
+    step = training.make_train_step(loss_fn, optimizer, model_def=model_def,
+                                    shardings=training.state_shardings(state))
+    times = []
+    for i in range(s["warmup"] + s["steps"]):
+        t = time.perf_counter()
+        full = dpo.attach_reference(batch, ref_fn=ref_fn)
+        state, metrics = step(state, full)
+        jax.block_until_ready(state.params)
+        times.append(time.perf_counter() - t)
+    tokens = 2 * s["pairs"] * length
+    flops = 4 * forward_flops(cfg, tokens, length)  # policy forward + backward (3x) + reference forward
+    loss = float(metrics["loss"]) if "loss" in metrics else float("nan")
+    return [workloads.row("dpo_step", model_name, FW, "step_time", _median(times[s["warmup"]:]), "s",
+                          note=f"live reference; loss {loss:.4f}"),
+            workloads.row("dpo_step", model_name, FW, "compile_or_first_step", times[0], "s"),
+            workloads.row("dpo_step", model_name, FW, "model_flops", flops, "FLOP")]
+
+
+def grpo_step(model_dir: str, model_name: str, s: dict, workload: str) -> list[dict]:
+    import copy
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from transformers import AutoTokenizer
+
+    from jaxalign import training
+    from jaxalign.algorithms import group
+    from jaxalign.algorithms.rollout import SamplingConfig
+    from jaxalign.data import collate_prompts
+    from jaxalign.models import load_hf
+    from jaxalign.sampling import Sampler
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model, mcfg = load_hf(model_dir)
+    g, n = s["G"], s["new_tokens"]
+    prompt_ids = workloads.prompts(mcfg.vocab_size, s["prompts"], s["prompt_len"])
+    batch = collate_prompts(list(prompt_ids), length=s["prompt_len"], pad_id=0)
+    batch["prompts"] = [""] * s["prompts"]
+    batch["answers"] = [""] * s["prompts"]
+
+    def reward_fn(rollout):
+        return np.asarray([workloads.reward(row[-n:]) for row in np.asarray(rollout.tokens)], np.float32)
+
+    cfg = group.preset("grpo", group_size=g, prompts_per_step=s["prompts"], beta=workloads.GRPO_BETA,
+                       clip_eps=workloads.GRPO_EPS, sampling=SamplingConfig(max_new_tokens=n, temperature=1.0))
+    reference = copy.deepcopy(model)
+    ref_params = jax.tree.map(jnp.copy, nnx.to_pure_dict(nnx.state(reference, nnx.Param)))
+    optimizer = training.make_optimizer(training.OptimConfig(lr=workloads.LR, schedule="constant",
+                                                             warmup_steps=0, grad_clip_norm=0.0))
+    state, model_def = training.init_train_state(model, optimizer)
+    train_step = training.make_train_step(group.make_group_loss_fn(cfg), optimizer, model_def=model_def,
+                                          shardings=training.state_shardings(state))
+    step = group.GroupStep(cfg, train_step=train_step, sampler=Sampler(model), reward_fn=reward_fn,
+                           tokenizer=tokenizer, prompts=iter(()), reference_params=ref_params,
+                           reference_model=reference)
+    step.eos_ids = ()  # the workload generates exactly new_tokens tokens
+    times, gen = [], []
+    for i in range(s["warmup"] + s["steps"]):
+        t = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(state.params)
+        times.append(time.perf_counter() - t)
+        gen.append(metrics["rollout_time_s"])
+        if metrics["response_length_mean"] != n:
+            raise RuntimeError(f"generated {metrics['response_length_mean']} tokens per row, not {n}")
+    rows_n, total = s["prompts"] * g, s["prompt_len"] + n
+    # generation: prefill of the prompt, then n single-token steps over a growing context
+    gen_flops = forward_flops(mcfg, rows_n * s["prompt_len"], s["prompt_len"]) + sum(
+        forward_flops(mcfg, rows_n, s["prompt_len"] + t + 1) for t in range(n))
+    train_flops = 4 * forward_flops(mcfg, rows_n * total, total)  # ref forward + policy forward/backward
+    w = s["warmup"]
+    return [workloads.row(workload, model_name, FW, "step_time", _median(times[w:]), "s",
+                          note=f"generation {_median(gen[w:]):.3f} s of it (rollout incl. reference log-probs)"),
+            workloads.row(workload, model_name, FW, "generation_time", _median(gen[w:]), "s"),
+            workloads.row(workload, model_name, FW, "compile_or_first_step", times[0], "s"),
+            workloads.row(workload, model_name, FW, "model_flops", gen_flops + train_flops, "FLOP"),
+            workloads.row(workload, model_name, FW, "train_flops", train_flops, "FLOP")]
+
+
+def sample(model_dir: str, model_name: str, s: dict) -> list[dict]:
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jaxalign.models import load_hf
+    from jaxalign.sampling import Sampler
+
+    model, cfg = load_hf(model_dir)
+    prompts = workloads.prompts(cfg.vocab_size, s["batch"], s["prompt_len"])
+    mask = np.ones_like(prompts)
+    sampler, params = Sampler(model), nnx.state(model, nnx.Param)
+    times = []
+    for i in range(s["warmup"] + s["steps"]):
+        t = time.perf_counter()
+        out = sampler(params, prompts, mask, max_new_tokens=s["new_tokens"], rng=jax.random.PRNGKey(i),
+                      temperature=1.0)
+        jax.block_until_ready(out.completions)
+        times.append(time.perf_counter() - t)
+    assert np.asarray(out.completions).shape == (s["batch"], s["new_tokens"])
+    dt = _median(times[s["warmup"]:])
+    return [workloads.row("sample", model_name, FW, "tokens_per_s", s["batch"] * s["new_tokens"] / dt, "tok/s"),
+            workloads.row("sample", model_name, FW, "compile_or_first_step", times[0], "s")]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True, choices=sorted(workloads.MODELS))
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--workload", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--override", default="{}", help="JSON dict merged into the workload spec (scaling runs)")
+    args = ap.parse_args(argv)
+    s = {**workloads.spec(args.model, args.workload.split("@")[0], args.quick), **json.loads(args.override)}
+    base = args.workload.split("@")[0]
+    if base == "dpo_step":
+        rows = dpo_step(args.model_dir, args.model, s)
+    elif base.startswith("grpo_step"):
+        rows = grpo_step(args.model_dir, args.model, s, base)
+    elif base == "sample":
+        rows = sample(args.model_dir, args.model, s)
+    else:
+        raise SystemExit(f"unknown workload {args.workload!r}")
+    if args.workload != base:  # a scaling variant: name it
+        for r in rows:
+            r["workload"] = r["workload"].replace(base, args.workload, 1)
+    for r in rows:
+        r.setdefault("spec", s)
+    rows.append(workloads.row(args.workload, args.model, FW, "peak_rss", workloads.peak_rss_mib(), "MiB"))
+    Path(args.out).write_text(json.dumps(rows, indent=1))
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

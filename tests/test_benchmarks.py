@@ -1,0 +1,58 @@
+"""The benchmark harness's own arithmetic (benchmarks/), not speed: MFU, ratios, FLOP counts, workloads."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import workloads  # noqa: E402
+from benchmarks import bench  # noqa: E402
+from benchmarks.runners import jaxalign_runner  # noqa: E402
+from jaxalign.models import tiny_config  # noqa: E402
+
+
+def _row(w, fw, metric, value, unit="s"):
+    return {"workload": w, "framework": fw, "metric": metric, "value": value, "unit": unit}
+
+
+def test_mfu_is_flops_over_time_over_the_measured_ceiling():
+    rows = [_row("matmul/jax", "matmul-ceiling", "gflops", 100.0, "GFLOP/s"),
+            _row("grpo/m", "jaxalign", "step_time", 1.0), _row("grpo/m", "jaxalign", "generation_time", 0.6),
+            _row("grpo/m", "jaxalign", "model_flops", 50e9, "FLOP"),
+            _row("grpo/m", "jaxalign", "train_flops", 20e9, "FLOP")]
+    got = {r["metric"]: r["value"] for r in bench.add_mfu(rows) if r["metric"].endswith("mfu")}
+    assert got == {"mfu": 50.0, "train_mfu": 50.0}  # 50e9/1/100e9; 20e9/(1-0.6)/100e9
+
+
+def test_ratios_read_as_jaxalign_ahead_when_above_one():
+    rows = [_row("dpo/m", "jaxalign", "step_time", 1.0), _row("dpo/m", "trl", "step_time", 3.0),
+            _row("s/m", "jaxalign", "tokens_per_s", 10.0, "tok/s"), _row("s/m", "trl", "tokens_per_s", 40.0, "tok/s"),
+            _row("s/m", "jaxalign", "peak_rss", 200.0, "MiB"), _row("s/m", "trl", "peak_rss", 100.0, "MiB")]
+    lines = bench.table(rows, ["jaxalign", "trl"]).splitlines()
+    assert lines[2].endswith("| 3.00× |")  # trl 3x slower
+    assert lines[3].endswith("| 0.25× |")  # trl 4x more tokens/s
+    assert lines[4].endswith("| 0.50× |")  # trl half the memory
+
+
+def test_forward_flops_by_hand():
+    cfg = tiny_config("llama", hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=4, vocab_size=10)
+    # per layer: q 8*2*4 + k,v 2*8*1*4 + o 2*4*8 + mlp 3*8*16 = 64+64+64+384 = 576; head 8*10 = 80
+    matmul_params = 2 * 576 + 80
+    attn = 2 * 4 * 5 * 2 * 4  # layers * 4 * context * heads * head_dim
+    assert jaxalign_runner.forward_flops(cfg, tokens=3, context=5) == 3 * (2 * matmul_params + attn)
+
+
+def test_workload_data_is_deterministic_and_shaped():
+    s = workloads.spec("smollm2", "dpo_step")
+    p, c, r = workloads.dpo_batch(49152, s)
+    p2, _, _ = workloads.dpo_batch(49152, s)
+    np.testing.assert_array_equal(p, p2)
+    assert p.shape == (s["pairs"], s["prompt_len"]) and c.shape == r.shape == (s["pairs"], s["completion_len"])
+    assert p.min() >= 3 and not np.array_equal(c, r)
+    assert workloads.spec("tiny", "sample", quick=True)["steps"] == 1
+    assert workloads.reward([2, 3, 4, 5]) == 0.5
+    assert 0 < workloads.peak_rss_mib() < 1e6

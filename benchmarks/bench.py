@@ -62,7 +62,9 @@ def ensure_venv(framework: str, install: bool) -> bool:
     print(f"[bench] installing {framework} into {VENVS / framework} from {req.name}", flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(VENVS / framework)], check=True)
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "-r", str(req)], check=True)
+    # Both files are full freezes, so nothing is resolved again (Tunix 0.1.7 declares safetensors<0.8,
+    # which transformers 5.24 excludes; see docs/algorithms.md).
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "-r", str(req)], check=True)
     stamp.write_text(req.read_text())
     return True
 

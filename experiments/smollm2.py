@@ -15,7 +15,7 @@ ends by itself. Three runs start from the same weights:
 
 Each is scored on 48 held-out prompts whose topics training never sees:
 greedy pass rate, mean words, and the same greedy replies for a few prompts
-before and after. Writes results/smollm2.{md,json}.
+before and after. Writes results/smollm2.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -102,7 +102,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="2 steps per run, a smoke test")
     ap.add_argument("--out", default="results", help="where smollm2.md/json go")
     ap.add_argument("--workdir", default="runs/smollm2")
+    ap.add_argument("--plot-only", action="store_true",
+                    help="redraw results/smollm2.png from an earlier run's workdir and report")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        with open(os.path.join(args.out, "smollm2.json")) as f:
+            report = json.load(f)
+        report["curves"] = read_curves(args.workdir)
+        with open(os.path.join(args.out, "smollm2.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        plot_curves(report["curves"], report["results"]["SmolLM2-135M-Instruct"]["pass_rate"],
+                    os.path.join(args.out, "smollm2.png"))
+        return report
     steps = 2 if args.quick else None
 
     mesh = sharding.make_mesh(sharding.MeshConfig(data=-1, fsdp=1, tensor=1))
@@ -129,7 +140,6 @@ def main(argv=None) -> dict:
         "GRPO (rule as reward)": (rl.run, configs.rl_config("grpo")),
         "DAPO (rule as reward)": (rl.run, configs.rl_config("dapo")),
     }
-    curves = {}
     for name, (run, cfg) in runs.items():
         with cfg.unlocked():
             cfg.workdir = os.path.join(args.workdir, cfg.workdir.rsplit("/", 1)[-1])
@@ -145,15 +155,57 @@ def main(argv=None) -> dict:
         t = time.perf_counter()
         out = run(cfg)
         timings[name] = time.perf_counter() - t
-        curves[name] = [r for r in out["rows"] if "greedy_reward" in r or "loss" in r]
         params = out["state"].params
         results[name] = greedy_replies(sampler, params, heldout, tokenizer, configs.MAX_NEW)
         del out
 
     report = {"pairs": pair_stats, "results": results, "timings_s": timings, "steps": steps or "config",
-              "prompts": list(heldout.prompts)}
+              "prompts": list(heldout.prompts), "curves": read_curves(args.workdir)}
     write_report(report, args.out)
+    plot_curves(report["curves"], report["results"]["SmolLM2-135M-Instruct"]["pass_rate"],
+                os.path.join(args.out, "smollm2.png"))
     return report
+
+
+RUN_DIRS = {"DPO (own samples, rule-ranked)": "dpo", "GRPO (rule as reward)": "grpo", "DAPO (rule as reward)": "dapo"}
+
+
+def read_curves(workdir: str) -> dict[str, list[dict]]:
+    """Per run, the metric rows the loop wrote (`<workdir>/<run>/metrics.jsonl`), trimmed to what is plotted."""
+    keep = ("step", "loss", "reward_mean", "eval/greedy_reward", "reward_accuracy", "response_length_mean")
+    curves = {}
+    for name, sub in RUN_DIRS.items():
+        path = os.path.join(workdir, sub, "metrics.jsonl")
+        if os.path.exists(path):
+            with open(path) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            curves[name] = [{k: r[k] for k in keep if k in r} for r in rows]
+    return curves
+
+
+def plot_curves(curves: dict, base_pass_rate: float, path: str) -> None:
+    """Held-out greedy pass rate (points) and the training reward / DPO accuracy (lines) per step."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for name, rows in curves.items():
+        pts = [(0, base_pass_rate)] + [(r["step"], r["eval/greedy_reward"]) for r in rows if "eval/greedy_reward" in r]
+        if len(pts) > 1:
+            left.plot(*zip(*pts), marker="o", label=name)
+        key = "reward_accuracy" if name.startswith("DPO") else "reward_mean"
+        line = [(r["step"], r[key]) for r in rows if key in r]
+        if line:
+            right.plot(*zip(*line), label=f"{name}: {key}")
+    left.axhline(base_pass_rate, color="gray", ls=":", label="SmolLM2-135M-Instruct")
+    left.set(title="held-out greedy pass rate", xlabel="optimiser step", ylim=(0, 1))
+    right.set(title="training signal", xlabel="optimiser step", ylim=(0, 1.05))
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def write_report(report: dict, out_dir: str) -> None:

@@ -65,8 +65,6 @@ def build_step(algo_cfg, model, tokenizer, reward_fn, loader, optimizer, mesh, s
     """(step function for the loop, initial state, params -> policy params, params -> policy module)."""
     import copy
 
-    import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from jaxalign import training
@@ -93,8 +91,8 @@ def build_step(algo_cfg, model, tokenizer, reward_fn, loader, optimizer, mesh, s
         fn = ppo.PPOStep(cfg, train_step=step, model=trained, reference=reference, reward_fn=reward_fn,
                          tokenizer=tokenizer, sampler=Sampler(trained.actor), seed=seed)
         return fn, state, (lambda p: p["actor"]), lambda p: model_def.merge(p).actor
-    ref_params = (jax.tree.map(jnp.copy, nnx.to_pure_dict(nnx.state(reference, nnx.Param)))
-                  if cfg.beta > 0 else None)
+    # GroupStep copies these (the train state may alias and donate the arrays they came from).
+    ref_params = nnx.to_pure_dict(nnx.state(reference, nnx.Param)) if cfg.beta > 0 else None
     fn = group.GroupStep(cfg, train_step=step, sampler=Sampler(model), reward_fn=reward_fn, tokenizer=tokenizer,
                          prompts=loader, reference_params=ref_params,
                          reference_model=reference if ref_params is not None else None, seed=seed)

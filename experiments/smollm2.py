@@ -112,7 +112,8 @@ def main(argv=None) -> dict:
         with open(os.path.join(args.out, "smollm2.json"), "w") as f:
             json.dump(report, f, indent=1)
         plot_curves(report["curves"], report["results"]["SmolLM2-135M-Instruct"]["pass_rate"],
-                    os.path.join(args.out, "smollm2.png"))
+                    os.path.join(args.out, "smollm2.png"),
+                    final={k: v["pass_rate"] for k, v in report["results"].items()})
         return report
     steps = 2 if args.quick else None
 
@@ -163,7 +164,7 @@ def main(argv=None) -> dict:
               "prompts": list(heldout.prompts), "curves": read_curves(args.workdir)}
     write_report(report, args.out)
     plot_curves(report["curves"], report["results"]["SmolLM2-135M-Instruct"]["pass_rate"],
-                os.path.join(args.out, "smollm2.png"))
+                os.path.join(args.out, "smollm2.png"), final={k: v["pass_rate"] for k, v in results.items()})
     return report
 
 
@@ -183,22 +184,28 @@ def read_curves(workdir: str) -> dict[str, list[dict]]:
     return curves
 
 
-def plot_curves(curves: dict, base_pass_rate: float, path: str) -> None:
-    """Held-out greedy pass rate (points) and the training reward / DPO accuracy (lines) per step."""
+def plot_curves(curves: dict, base_pass_rate: float, path: str, final: dict | None = None) -> None:
+    """Held-out greedy pass rate (points) and the training reward / DPO accuracy (lines) per step.
+
+    `final`: run name -> pass rate after the last step, for runs without evaluations in between (DPO).
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 4))
     FigureCanvasAgg(fig)
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    for name, rows in curves.items():
+    for k, (name, rows) in enumerate(curves.items()):
+        color = f"C{k}"
         pts = [(0, base_pass_rate)] + [(r["step"], r["eval/greedy_reward"]) for r in rows if "eval/greedy_reward" in r]
+        if len(pts) == 1 and final and name in final and rows:
+            pts.append((rows[-1]["step"], final[name]))
         if len(pts) > 1:
-            left.plot(*zip(*pts), marker="o", label=name)
+            left.plot(*zip(*pts), marker="o", color=color, label=name)
         key = "reward_accuracy" if name.startswith("DPO") else "reward_mean"
         line = [(r["step"], r[key]) for r in rows if key in r]
         if line:
-            right.plot(*zip(*line), label=f"{name}: {key}")
+            right.plot(*zip(*line), color=color, label=f"{name}: {key}")
     left.axhline(base_pass_rate, color="gray", ls=":", label="SmolLM2-135M-Instruct")
     left.set(title="held-out greedy pass rate", xlabel="optimiser step", ylim=(0, 1))
     right.set(title="training signal", xlabel="optimiser step", ylim=(0, 1.05))

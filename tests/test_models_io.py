@@ -200,3 +200,28 @@ def test_float64_model_computes_in_float64_throughout(llama_dir):
         again = np.asarray(logits)
     assert np.abs(again - ref32).max() < 1e-5
     assert np.abs(again - ref32).max() > 0  # not float32 in disguise
+
+
+def test_safetensors_reader_equals_the_safetensors_library_and_refuses_short_files(tmp_path):
+    import ml_dtypes
+
+    from jaxalign.models.convert import CheckpointError, _SafetensorsFile
+
+    rng = np.random.default_rng(0)
+    tensors = {"a": rng.standard_normal((3, 5)).astype(np.float32),
+               "b": rng.standard_normal((7,)).astype(ml_dtypes.bfloat16),
+               "c": rng.integers(-9, 9, (2, 2, 2)).astype(np.int64), "d": np.zeros((0, 4), np.float16)}
+    save_file(tensors, str(tmp_path / "m.safetensors"), metadata={"format": "np"})
+    expected = load_file(str(tmp_path / "m.safetensors"))
+    reader = _SafetensorsFile(tmp_path / "m.safetensors")
+    assert set(reader.keys()) == set(tensors)
+    for name, value in expected.items():
+        got = reader.get(name)
+        assert got.dtype == value.dtype and reader.shape(name) == value.shape
+        np.testing.assert_array_equal(got.view(np.uint8), value.view(np.uint8))  # bit-exact, bf16 included
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "short.safetensors").write_bytes(data[:-4])  # the last tensor lost 4 bytes
+    short = _SafetensorsFile(tmp_path / "short.safetensors")
+    last = max(reader.entries, key=lambda k: reader.entries[k]["data_offsets"][1])
+    with pytest.raises(CheckpointError, match=last):
+        short.get(last)

@@ -102,7 +102,6 @@ def grpo_step(model_dir: str, model_name: str, s: dict, workload: str) -> list[d
     import copy
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
     from transformers import AutoTokenizer
@@ -128,7 +127,7 @@ def grpo_step(model_dir: str, model_name: str, s: dict, workload: str) -> list[d
     cfg = group.preset("grpo", group_size=g, prompts_per_step=s["prompts"], beta=workloads.GRPO_BETA,
                        clip_eps=workloads.GRPO_EPS, sampling=SamplingConfig(max_new_tokens=n, temperature=1.0))
     reference = copy.deepcopy(model)
-    ref_params = jax.tree.map(jnp.copy, nnx.to_pure_dict(nnx.state(reference, nnx.Param)))
+    ref_params = nnx.to_pure_dict(nnx.state(reference, nnx.Param))  # GroupStep keeps its own copy
     optimizer = training.make_optimizer(training.OptimConfig(lr=workloads.LR, schedule="constant",
                                                              warmup_steps=0, grad_clip_norm=0.0))
     state, model_def = training.init_train_state(model, optimizer)
@@ -138,6 +137,7 @@ def grpo_step(model_dir: str, model_name: str, s: dict, workload: str) -> list[d
                            tokenizer=tokenizer, prompts=iter(()), reference_params=ref_params,
                            reference_model=reference)
     step.eos_ids = ()  # the workload generates exactly new_tokens tokens
+    del reference, ref_params  # as experiments/rl.py, whose build_step lets them go out of scope
     times, gen = [], []
     for i in range(s["warmup"] + s["steps"]):
         t = time.perf_counter()

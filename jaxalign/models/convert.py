@@ -184,12 +184,60 @@ def _bindings(model: nnx.Module, cfg: ModelConfig, value_model: bool):
     return bound, params
 
 
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+              "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+class _SafetensorsFile:
+    """One safetensors file read tensor by tensor with plain reads, not a memory map.
+
+    A memory map keeps every page it has touched resident (and counted in the
+    process's RSS) until it is closed, so loading through one costs a second
+    copy of the checkpoint at peak; reading each tensor into its own buffer
+    costs one tensor. bf16 tensors are returned as `ml_dtypes.bfloat16`.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        self.start = 8 + size
+        header.pop("__metadata__", None)
+        self.entries = header
+
+    def keys(self):
+        return self.entries.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def get(self, name: str) -> np.ndarray:
+        e = self.entries[name]
+        if e["dtype"] == "BF16":
+            import ml_dtypes
+
+            dtype = np.dtype(ml_dtypes.bfloat16)
+        elif e["dtype"] in _ST_DTYPES:
+            dtype = np.dtype(_ST_DTYPES[e["dtype"]])
+        else:
+            raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {e['dtype']}")
+        lo, hi = e["data_offsets"]
+        if hi - lo != dtype.itemsize * int(np.prod(e["shape"], dtype=np.int64)):
+            raise CheckpointError(f"{self.path}: tensor {name}: {hi - lo} bytes do not fit {e['shape']} {dtype}")
+        with open(self.path, "rb") as f:
+            f.seek(self.start + lo)
+            data = np.fromfile(f, dtype=dtype, count=(hi - lo) // dtype.itemsize)
+        if data.size * dtype.itemsize != hi - lo:
+            raise CheckpointError(f"{self.path}: tensor {name} is truncated "
+                                  f"({data.size * dtype.itemsize} of {hi - lo} bytes); the file is incomplete")
+        return data.reshape(e["shape"])
+
+
 class _TensorReader:
     """Reads tensors lazily from one or several (indexed) safetensors files."""
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
-
         index = path / "model.safetensors.index.json"
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -202,16 +250,16 @@ class _TensorReader:
         for f in files:
             if not (path / f).exists():
                 raise CheckpointError(f"{path}: shard {f} named in the index is missing")
-            h = safe_open(str(path / f), framework="numpy")
+            h = _SafetensorsFile(path / f)
             self._handles[f] = h
             for k in h.keys():
                 self.names[k] = f
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self.names[name]].get_slice(name).get_shape())
+        return self._handles[self.names[name]].shape(name)
 
     def get(self, name: str) -> np.ndarray:
-        return self._handles[self.names[name]].get_tensor(name)
+        return self._handles[self.names[name]].get(name)
 
 
 def _expected_hf_shapes(bound, params, cfg) -> dict[str, tuple[int, ...]]:

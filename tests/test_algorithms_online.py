@@ -129,3 +129,37 @@ def test_ppo_learns_value_and_reward(task, critic):
     assert hist[-1]["kl_ref"] > 0  # the policy moved away from the reference
     if critic == "shared":
         assert set(state.params["critic"]) == {"head"}
+
+
+def test_completion_only_scoring_equals_the_full_width_loss(task):
+    """GroupStep scores only the completion columns; the loss and its gradient equal the full-width ones."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxalign.algorithms.rollout import make_logprob_fn
+
+    gs, state, _ = _group_run(task, "grpo", 1)
+    batch = gs.last_batch
+    t, n = batch["tokens"].shape[1], batch["old_logps"].shape[1]
+    assert n < t - 1  # trimmed to the completion
+    full = dict(batch)
+    for k in ("old_logps", "ref_logps"):
+        full[k] = np.concatenate([np.zeros((len(batch[k]), t - 1 - n), np.float32), batch[k]], axis=1)
+    _, _, cfg = task
+    model = models.Transformer(cfg, rngs=nnx.Rngs(3))
+    loss_fn = group.make_group_loss_fn(group.preset("grpo", group_size=4, prompts_per_step=4,
+                                                    sampling=SamplingConfig(max_new_tokens=4)))
+
+    def loss(params, b):
+        m = nnx.merge(nnx.graphdef(model), params)
+        (num, den), _ = loss_fn(m, {k: jnp.asarray(v) for k, v in b.items()}, None)
+        return num / den
+
+    params = nnx.state(model, nnx.Param)
+    (l1, g1), (l2, g2) = (jax.value_and_grad(loss)(params, b) for b in (batch, full))
+    np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    fn = make_logprob_fn(model)
+    np.testing.assert_allclose(np.asarray(fn(params, batch, last=n)), np.asarray(fn(params, batch))[:, -n:],
+                               rtol=1e-6, atol=1e-6)

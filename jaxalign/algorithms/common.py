@@ -17,7 +17,7 @@ def model_logits(model, batch: dict, *, prefix: str = "") -> Array:
                  segment_ids=batch.get(prefix + "segment_ids"))
 
 
-def response_logprobs(model, batch: dict, *, prefix: str = "", temperature: float = 1.0):
+def response_logprobs(model, batch: dict, *, prefix: str = "", temperature: float = 1.0, last: int | None = None):
     """Teacher-forced log-probs of the tokens under `loss_mask`.
 
     batch: `{prefix}tokens`, `{prefix}loss_mask` `[B, T]`, and optionally
@@ -25,15 +25,34 @@ def response_logprobs(model, batch: dict, *, prefix: str = "", temperature: floa
     Logits at position t score token t + 1, so both outputs are `[B, T - 1]`
     aligned with `tokens[:, 1:]`. `temperature` divides the logits, matching
     the distribution a sampler drew from at that temperature.
+    last: score only the last `last` tokens (a rollout's completion columns):
+      the LM head and softmax then run on `last` positions instead of T - 1,
+      and both outputs are `[B, last]`, aligned with `tokens[:, -last:]`.
 
-    Returns: (logps [B, T-1] float32, mask [B, T-1] float32).
+    Returns: (logps [B, T-1] or [B, last] float32, mask of the same shape, float32).
     """
-    tokens = batch[prefix + "tokens"]
-    logits = model_logits(model, batch, prefix=prefix)
+    logits = _scoring_logits(model, batch, prefix, last)
     if temperature != 1.0:
         logits = logits / temperature
-    logps = token_logprobs(logits[:, :-1], tokens[:, 1:])
-    return logps, batch[prefix + "loss_mask"][:, 1:].astype(jnp.float32)
+    tokens = batch[prefix + "tokens"]
+    width = logits.shape[1]
+    logps = token_logprobs(logits, tokens[:, -width:])
+    return logps, batch[prefix + "loss_mask"][:, -width:].astype(jnp.float32)
+
+
+def _scoring_logits(model, batch: dict, prefix: str, last: int | None) -> Array:
+    """Logits that score `tokens[:, 1:]` (or its last `last` columns): `[B, T-1 or last, V]`."""
+    if last is None:
+        return model_logits(model, batch, prefix=prefix)[:, :-1]
+    hidden, _ = model.hidden_states(batch[prefix + "tokens"], positions=batch.get(prefix + "positions"),
+                                    attention_mask=batch.get(prefix + "attention_mask"),
+                                    segment_ids=batch.get(prefix + "segment_ids"))
+    return model.logits(hidden[:, -last - 1:-1])
+
+
+def completion_logits(model, batch: dict, last: int | None) -> Array:
+    """The logits `response_logprobs` scores with (public for losses that also need entropies)."""
+    return _scoring_logits(model, batch, "", last)
 
 
 def sequence_logprob(logps: Array, mask: Array) -> Array:

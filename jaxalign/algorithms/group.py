@@ -23,10 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.algorithms.common import entropy_from_logits, model_logits
+from jaxalign.algorithms.common import completion_logits, entropy_from_logits
 from jaxalign.algorithms.rollout import (
     SamplingConfig,
     completion_stats,
+    completion_width,
     concat_rows,
     make_logprob_fn,
     positions,
@@ -88,15 +89,19 @@ def make_group_loss_fn(cfg: GroupConfig):
     """`loss_fn(policy, batch, rng)` over a rollout batch, as `(numerator, denominator)`.
 
     batch: `tokens`, `attention_mask`, `positions`, `loss_mask` `[R, T]`;
-    `old_logps`, `ref_logps` (when β > 0) `[R, T-1]`; `advantages`, `weights` `[R]`.
+    `old_logps`, `ref_logps` (when β > 0) `[R, T-1]`, or `[R, N]` for the last
+    N (completion) columns only, which is what `GroupStep` passes: the LM head
+    and softmax then skip the prompt; `advantages`, `weights` `[R]`.
     """
     temperature = cfg.sampling.temperature
 
     def loss_fn(policy, batch, rng):
         del rng
-        logits = model_logits(policy, batch)[:, :-1] / temperature
-        logps = token_logprobs(logits, batch["tokens"][:, 1:])
-        mask = batch["loss_mask"][:, 1:].astype(jnp.float32) * batch["weights"][:, None]
+        width = batch["old_logps"].shape[1]
+        last = None if width == batch["tokens"].shape[1] - 1 else width
+        logits = completion_logits(policy, batch, last) / temperature
+        logps = token_logprobs(logits, batch["tokens"][:, -width:])
+        mask = batch["loss_mask"][:, -width:].astype(jnp.float32) * batch["weights"][:, None]
         parts, metrics = grpo_loss(logps, batch["old_logps"], batch.get("ref_logps"), batch["advantages"], mask,
                                    clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, beta=cfg.beta,
                                    kl=cfg.kl, agg=cfg.agg, return_parts=True)
@@ -186,11 +191,14 @@ class GroupStep:
             "gen_tokens_per_sec": gen_tokens / max(time.perf_counter() - t0, 1e-9),
             **completion_stats(first[0]),
         }
+        # Only the completion columns are scored (the prompt's LM-head work is skipped).
+        width = completion_width(batch["loss_mask"])
         train = {"tokens": batch["tokens"], "attention_mask": batch["attention_mask"],
                  "positions": positions(batch["attention_mask"]), "loss_mask": batch["loss_mask"],
-                 "old_logps": batch["old_logps"], "advantages": adv.astype(np.float32), "weights": weights}
+                 "old_logps": batch["old_logps"][:, -width:], "advantages": adv.astype(np.float32),
+                 "weights": weights}
         if self.ref_logps is not None:
-            train["ref_logps"] = np.asarray(self.ref_logps(self.ref_params, train))
+            train["ref_logps"] = np.asarray(self.ref_logps(self.ref_params, train, last=width))
         return train, metrics
 
     def __call__(self, state, prompt_batch: dict):

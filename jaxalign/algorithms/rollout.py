@@ -9,6 +9,7 @@ arrays of width P + N − 1 aligned with `tokens[:, 1:]`, the targets that
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -65,17 +66,31 @@ def positions(mask: np.ndarray) -> np.ndarray:
 
 
 def make_logprob_fn(model: nnx.Module, *, temperature: float = 1.0):
-    """A jitted `(params, batch) -> logps [R, T-1]` for a frozen model (reference, old policy)."""
+    """A jitted `(params, batch, last=None) -> logps` for a frozen model (reference, old policy).
+
+    `[R, T-1]` aligned with `tokens[:, 1:]`, or `[R, last]` for the last `last`
+    columns only (see `response_logprobs`).
+    """
     model_def, _ = ModelDef.of(model)
 
-    @jax.jit
-    def fn(params, tokens, attention_mask, loss_mask):
+    @functools.partial(jax.jit, static_argnames="last")
+    def fn(params, tokens, attention_mask, loss_mask, last=None):
         m = model_def.merge(params)
         batch = {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}
-        return response_logprobs(m, batch, temperature=temperature)[0]
+        return response_logprobs(m, batch, temperature=temperature, last=last)[0]
 
-    return lambda params, b: fn(params, jnp.asarray(b["tokens"]), jnp.asarray(b["attention_mask"]),
-                                jnp.asarray(b["loss_mask"]))
+    return lambda params, b, last=None: fn(params, jnp.asarray(b["tokens"]), jnp.asarray(b["attention_mask"]),
+                                           jnp.asarray(b["loss_mask"]), last=last)
+
+
+def completion_width(loss_mask: np.ndarray) -> int:
+    """N of a rollout batch `[R, P + N]`: columns from the first generated token on.
+
+    Every row generates at least one token (mask 1) at column P, and the
+    prompt columns before it have mask 0.
+    """
+    used = np.flatnonzero(np.asarray(loss_mask).any(axis=0))
+    return int(loss_mask.shape[1] - used[0]) if used.size else 1
 
 
 def concat_rows(parts: list[dict]) -> dict:

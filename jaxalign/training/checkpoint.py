@@ -16,10 +16,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxalign.training.state import TrainState
+
+
+def _ocp():
+    """orbax.checkpoint, imported on first use: a run that never checkpoints
+    (a benchmark, a notebook) does not pay its import time and memory."""
+    import orbax.checkpoint as ocp
+
+    return ocp
 
 
 class NonFiniteError(RuntimeError):
@@ -39,6 +46,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, save_every: int, keep: int = 3, async_save: bool = True):
         self.save_every = save_every
+        ocp = _ocp()
         self._manager = ocp.CheckpointManager(
             os.path.abspath(directory),
             options=ocp.CheckpointManagerOptions(
@@ -68,6 +76,7 @@ class Checkpointer:
             return False
         if not bool(_all_finite((state.params, state.opt_state))):
             raise NonFiniteError(f"refusing to checkpoint step {step}: state has NaN/Inf")
+        ocp = _ocp()
         return self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -90,6 +99,7 @@ class Checkpointer:
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target
         )
+        ocp = _ocp()
         out = self._manager.restore(
             step,
             args=ocp.args.Composite(

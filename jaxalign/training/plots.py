@@ -6,11 +6,6 @@ import os
 import re
 from collections.abc import Sequence
 
-# The object-oriented Figure API with the Agg canvas draws without touching
-# matplotlib's global backend, so importing this never needs a display.
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
 MAIN_CURVES = ("loss", "lr", "grad_norm")
 
 
@@ -20,6 +15,12 @@ def save_plots(rows: Sequence[dict], out_dir: str) -> list[str]:
     rows: metric rows as written by `JsonlWriter` (`{"step": k, name: value}`).
     Returns the written paths; curves with no finite points are skipped.
     """
+    # The object-oriented Figure API with the Agg canvas draws without touching
+    # matplotlib's global backend, so plotting never needs a display. Imported
+    # here: a training process that never plots does not pay for matplotlib.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     os.makedirs(out_dir, exist_ok=True)
     names = [k for k in MAIN_CURVES if any(k in r for r in rows)]
     names += sorted({k for r in rows for k in r if k.startswith("eval/")})

@@ -44,6 +44,9 @@ def test_forward_flops_by_hand():
     matmul_params = 2 * 576 + 80
     attn = 2 * 4 * 5 * 2 * 4  # layers * 4 * context * heads * head_dim
     assert jaxalign_runner.forward_flops(cfg, tokens=3, context=5) == 3 * (2 * matmul_params + attn)
+    # LM head on 1 of the 3 tokens (a GRPO step scores the completion only): 2 * 80 FLOPs per headed token
+    assert jaxalign_runner.forward_flops(cfg, tokens=3, context=5, head_tokens=1) == \
+        3 * (2 * 2 * 576 + attn) + 1 * 2 * 80
 
 
 def test_workload_data_is_deterministic_and_shaped():

@@ -33,24 +33,38 @@ _pin(sys.argv)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+def _hide_torch():
+    """Run as if torch were not installed, as in a jaxalign install.
+
+    torch is a test-only dependency, but this runner runs in the test venv,
+    where transformers imports torch merely to read a config (its RoPE helpers
+    do when torch is installed): ~280 MB of resident memory that jaxalign
+    itself never uses.
+    """
+    sys.modules["torch"] = None
+
+
 import workloads  # noqa: E402
 
 FW = "jaxalign"
 
 
-def forward_flops(cfg, tokens: int, context: int) -> float:
+def forward_flops(cfg, tokens: int, context: int, head_tokens: int | None = None) -> float:
     """Matmul FLOPs of one forward pass over `tokens` tokens attending to `context` keys each.
 
     2 FLOPs per multiply-add: the projections and MLP (2 * params in matmuls),
-    the LM head, and attention scores + weighted values (4 * context * heads * head_dim
-    per token per layer). Embedding lookups and elementwise work are not counted.
+    the LM head on `head_tokens` of them (default all: a GRPO step scores only
+    the completion, so only that work is counted), and attention scores +
+    weighted values (4 * context * heads * head_dim per token per layer).
+    Embedding lookups and elementwise work are not counted.
     """
     d, f, h, kv, hd, layers = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
                                cfg.head_dim, cfg.num_layers)
     per_layer = d * (h + 2 * kv) * hd + h * hd * d + 3 * d * f
-    matmul_params = layers * per_layer + d * cfg.vocab_size
     attn = layers * 4 * context * h * hd
-    return float(tokens) * (2 * matmul_params + attn)
+    head_tokens = tokens if head_tokens is None else head_tokens
+    return float(tokens) * (2 * layers * per_layer + attn) + float(head_tokens) * 2 * d * cfg.vocab_size
 
 
 def _median(xs):
@@ -151,7 +165,8 @@ def grpo_step(model_dir: str, model_name: str, s: dict, workload: str) -> list[d
     # generation: prefill of the prompt, then n single-token steps over a growing context
     gen_flops = forward_flops(mcfg, rows_n * s["prompt_len"], s["prompt_len"]) + sum(
         forward_flops(mcfg, rows_n, s["prompt_len"] + t + 1) for t in range(n))
-    train_flops = 4 * forward_flops(mcfg, rows_n * total, total)  # ref forward + policy forward/backward
+    # ref forward + policy forward/backward; the LM head scores the n completion tokens only
+    train_flops = 4 * forward_flops(mcfg, rows_n * total, total, head_tokens=rows_n * n)
     w = s["warmup"]
     return [workloads.row(workload, model_name, FW, "step_time", _median(times[w:]), "s",
                           note=f"generation {_median(gen[w:]):.3f} s of it (rollout incl. reference log-probs)"),
@@ -187,6 +202,7 @@ def sample(model_dir: str, model_name: str, s: dict) -> list[dict]:
 
 
 def main(argv=None) -> None:
+    _hide_torch()
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True, choices=sorted(workloads.MODELS))
     ap.add_argument("--model-dir", required=True)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxalign.host import release_host_memory
 from jaxalign.models.config import ModelConfig, config_from_hf
 from jaxalign.models.heads import ValueModel
 from jaxalign.models.transformer import Transformer
@@ -333,6 +334,8 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None, m
         from jaxalign import sharding
 
         model = sharding.shard_model(model, mesh)
+    del cache, reader
+    release_host_memory()  # the read buffers, freed but still resident in glibc's arenas
     return model, cfg
 
 

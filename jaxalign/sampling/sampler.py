@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxalign.host import release_host_memory
 from jaxalign.models import KVCache
 from jaxalign.sampling.buckets import bucket_length, check_left_padded, left_pad
 from jaxalign.sampling.logits_processing import sampling_logprobs, token_logprobs
@@ -189,6 +190,7 @@ class Sampler:
             start = time.perf_counter()
             fn = jax.jit(functools.partial(_rollout, self.graphdef, static))
             _compiled[key] = fn.lower(*args).compile()
+            release_host_memory()
             _stats["count"] += 1
             _stats["seconds"] += time.perf_counter() - start
         return _compiled[key]

@@ -17,7 +17,6 @@ same exact way; a plain scalar is averaged over micro-batches.
 
 from __future__ import annotations
 
-import ctypes
 import math
 from collections.abc import Callable
 from typing import Any, Literal
@@ -28,6 +27,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxalign import sharding as shd
+from jaxalign.host import release_host_memory
 from jaxalign.training.state import ModelDef, TrainState
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[Any, dict]]
@@ -99,17 +99,6 @@ class TrainStep:
             release_host_memory()
         return self._executables[key]
 
-
-def release_host_memory() -> None:
-    """Return freed heap pages to the OS (glibc `malloc_trim`); a no-op elsewhere.
-
-    XLA's compiler frees what it allocated, but glibc keeps the pages in its
-    arenas, where they still count as resident memory.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def make_train_step(

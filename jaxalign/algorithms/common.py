@@ -31,7 +31,7 @@ def response_logprobs(model, batch: dict, *, prefix: str = "", temperature: floa
 
     Returns: (logps [B, T-1] or [B, last] float32, mask of the same shape, float32).
     """
-    logits = _scoring_logits(model, batch, prefix, last)
+    logits = completion_logits(model, batch, last, prefix=prefix)
     if temperature != 1.0:
         logits = logits / temperature
     tokens = batch[prefix + "tokens"]
@@ -40,19 +40,17 @@ def response_logprobs(model, batch: dict, *, prefix: str = "", temperature: floa
     return logps, batch[prefix + "loss_mask"][:, -width:].astype(jnp.float32)
 
 
-def _scoring_logits(model, batch: dict, prefix: str, last: int | None) -> Array:
-    """Logits that score `tokens[:, 1:]` (or its last `last` columns): `[B, T-1 or last, V]`."""
+def completion_logits(model, batch: dict, last: int | None, *, prefix: str = "") -> Array:
+    """Logits that score `tokens[:, 1:]` (or its last `last` columns): `[B, T-1 or last, V]`.
+
+    What `response_logprobs` scores with; public for losses that also need entropies.
+    """
     if last is None:
         return model_logits(model, batch, prefix=prefix)[:, :-1]
     hidden, _ = model.hidden_states(batch[prefix + "tokens"], positions=batch.get(prefix + "positions"),
                                     attention_mask=batch.get(prefix + "attention_mask"),
                                     segment_ids=batch.get(prefix + "segment_ids"))
     return model.logits(hidden[:, -last - 1:-1])
-
-
-def completion_logits(model, batch: dict, last: int | None) -> Array:
-    """The logits `response_logprobs` scores with (public for losses that also need entropies)."""
-    return _scoring_logits(model, batch, "", last)
 
 
 def sequence_logprob(logps: Array, mask: Array) -> Array:

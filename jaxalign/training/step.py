@@ -100,7 +100,6 @@ class TrainStep:
         return self._executables[key]
 
 
-
 def make_train_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,

@@ -232,12 +232,15 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     processes: each passes its own rows (the slice `process_batch_slice`
     names) and the result is the global array, assembled with
     `jax.make_array_from_process_local_data`; arrays that are already global
-    are only resharded if needed. Scalars are replicated.
+    are only resharded if needed. Scalars are replicated; Python ints (the
+    train step's compile-time constants) are returned as they are.
     """
     n = _batch_shards(mesh)
     procs = jax.process_count()
 
     def one(x):
+        if isinstance(x, int):
+            return x
         sharding = batch_sharding(mesh, np.ndim(x))
         if isinstance(x, jax.Array) and (procs == 1 or not x.is_fully_addressable):
             return x if x.sharding == sharding else jax.device_put(x, sharding)

@@ -58,3 +58,35 @@ def test_precomputed_reference_covers_every_pair_and_equals_the_live_one(setup):
 def test_unknown_loss_type_is_refused():
     with pytest.raises(ValueError, match="loss_type 'kto'"):
         dpo.DPOConfig(loss_type="kto")
+
+
+def test_scoring_the_responses_only_gives_the_full_width_loss_and_gradient(setup):
+    _, model, batch = setup
+    width, length = batch["score_width"], batch["chosen_tokens"].shape[1]
+    assert width < length - 1  # the prompt columns are really skipped
+    full = {k: v for k, v in batch.items() if k != "score_width"}
+    ref_fn = dpo.make_reference_fn(model)
+    for got, want in zip(ref_fn(batch), ref_fn(full)):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    batch, full = (dpo.attach_reference(b, ref_fn=ref_fn) for b in (batch, full))
+    batch["ref_chosen_logps"] = batch["ref_chosen_logps"] + 0.3  # a policy away from its reference
+    full["ref_chosen_logps"] = batch["ref_chosen_logps"]
+    loss_fn = dpo.make_dpo_loss_fn(dpo.DPOConfig(rpo_alpha=0.5))
+
+    def value_and_grad(b):
+        loss = lambda m: (lambda p: p[0] / p[1])(loss_fn(m, b, None)[0])
+        return float(loss(model)), jax.tree.leaves(nnx.state(nnx.grad(loss)(model), nnx.Param))
+
+    (lw, gw), (lf, gf) = value_and_grad(batch), value_and_grad(full)
+    assert lw == pytest.approx(lf, rel=1e-6)
+    for a, b in zip(gw, gf):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_score_width_must_be_a_compile_time_int(setup):
+    _, model, batch = setup
+    batch = dpo.attach_reference(batch, ref_fn=dpo.make_reference_fn(model))
+    loss_fn = dpo.make_dpo_loss_fn(dpo.DPOConfig())
+    traced = jax.jit(lambda b: loss_fn(model, b, None)[0])
+    with pytest.raises(TypeError, match="score_width must be a Python int"):
+        traced({**batch, "score_width": jnp.int32(batch["score_width"])})

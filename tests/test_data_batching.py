@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from jaxalign import data
+from jaxalign.data import batching
 
 
 def seq(*values):
@@ -103,3 +104,30 @@ def test_packed_rows_equal_the_unpacked_sequences():
                 assert packed["loss_mask"][r][where][0] == 0
                 seen += 1
     assert seen == 40
+
+
+def test_score_width_rounds_up_to_a_quarter_of_the_length_and_leaves_token_zero_out():
+    assert batching.score_width([64, 70], 128) == 64  # 128 - 64, already a multiple of 32
+    assert batching.score_width([65, 90], 128) == 64
+    assert batching.score_width([63], 128) == 96  # 65 columns round up to 96
+    assert batching.score_width([1], 128) == 127  # everything but token 0
+    assert batching.score_width([5], 10) == 6  # multiple of ceil(10 / 4) = 3
+    assert batching.score_width([], 10) == 1
+    assert {batching.score_width([c], 100) for c in range(1, 100)} == {25, 50, 75, 99}
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_collated_pairs_score_every_response_token_in_the_last_score_width_columns(side):
+    rng = np.random.default_rng(0)
+    prompts = [9, 12, 10]
+    chosen = [rng.integers(1, 50, size=p + n).astype(np.int32) for p, n in zip(prompts, (4, 2, 6))]
+    rejected = [rng.integers(1, 50, size=p + n).astype(np.int32) for p, n in zip(prompts, (1, 5, 3))]
+    out = batching.collate_preference(chosen, rejected, prompts, length=20, pad_id=0, side=side)
+    width = out["score_width"]
+    assert isinstance(width, int) and width < 19
+    for name in ("chosen", "rejected"):
+        mask = out[f"{name}_loss_mask"]
+        assert mask[:, :-width].sum() == 0 and mask[:, -width:].sum() == mask.sum() > 0
+    # The narrowest window that holds them all, rounded up to a multiple of 20 / 4.
+    first = min(int(np.argmax(r)) for n in ("chosen", "rejected") for r in out[f"{n}_loss_mask"])
+    assert width == -(-(20 - first) // 5) * 5

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxalign import data
+from jaxalign.data import batching
 from tests._tokenizers import make_char_tokenizer
 
 
@@ -158,3 +159,29 @@ def test_end_to_end_preference_from_tfds(tmp_path, tok):
     for row, i in enumerate(batch["index"]):
         text = tok.decode(batch["rejected_tokens"][row][batch["rejected_loss_mask"][row] == 1].tolist())
         assert text == rows[i]["rejected"] + "</s>"
+
+
+def pair_data(n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(8, 13, size=n).astype(np.int32)
+    chosen = [rng.integers(3, 90, size=p + rng.integers(1, 6)).astype(np.int32) for p in prompts]
+    rejected = [rng.integers(3, 90, size=p + rng.integers(1, 6)).astype(np.int32) for p in prompts]
+    return data.PreferenceData(chosen, rejected, prompts, np.arange(n), 20, 0, {})
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_every_shard_gets_the_score_width_of_the_global_batch(side):
+    kw = {"batch_size": 8, "seed": 3, "padding_side": side}
+    whole = take(data.Loader(pair_data(), **kw), 6)
+    shards = [take(data.Loader(pair_data(), shard_index=s, shard_count=4, **kw), 6) for s in range(4)]
+    widths = set()
+    for step, glob in enumerate(whole):
+        # The width of one process's collate of the whole batch, from its masks, is the reference.
+        masks = np.concatenate([glob["chosen_loss_mask"], glob["rejected_loss_mask"]])
+        want = batching.score_width(batching.first_scored_columns(masks), masks.shape[1])
+        assert {shards[s][step]["score_width"] for s in range(4)} == {glob["score_width"]} == {want}
+        for name in ("chosen", "rejected"):
+            mask = glob[f"{name}_loss_mask"]
+            assert mask[:, -glob["score_width"]:].sum() == mask.sum()
+        widths.add(glob["score_width"])
+    assert max(widths) < 19  # the prompt's columns are really left out

@@ -74,3 +74,16 @@ def test_sft_loss_gradient_and_padding_independence():
     # Padded positions get no gradient; valid ones do.
     assert np.all(grad[mask == 0] == 0)
     assert np.all(np.abs(grad[mask == 1]).sum(-1) > 0)
+
+
+def test_token_logprobs_gradient_is_onehot_minus_softmax():
+    # d log p(y) / d logits = onehot(y) - softmax(logits), hand-derived, in float64 NumPy;
+    # the cotangent weights every position differently so a misplaced row would show.
+    logits, targets, _ = _inputs(4)
+    weights = np.random.default_rng(5).normal(size=targets.shape)
+    grad = jax.jit(jax.grad(lambda lg: jnp.sum(token_logprobs(lg, targets) * weights)))(logits)
+    x = np.asarray(logits, np.float64)
+    soft = np.exp(x - x.max(-1, keepdims=True))
+    soft /= soft.sum(-1, keepdims=True)
+    want = (np.eye(V)[targets] - soft) * weights[..., None]
+    np.testing.assert_allclose(grad, want, rtol=RTOL32, atol=RTOL32)

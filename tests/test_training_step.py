@@ -15,7 +15,7 @@ from jaxalign.training import (
     make_train_step,
     state_shardings,
 )
-from tests._toy_model import ToyData, ToyLM, token_mean_loss
+from tests._toy_model import ToyData, ToyLM, make_batch, token_mean_loss
 from tests._train_worker import build, run_steps
 
 
@@ -212,3 +212,33 @@ def test_step_compiles_once_per_batch_shape():
     state, m3 = step(state, batch)
     assert len(step._executables) == 2
     assert all(np.isfinite(float(m["loss"])) for m in (m1, m2, m3))
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_python_int_in_the_batch_is_a_compile_time_constant(micro_batches):
+    seen = []
+
+    def last_k_loss(model, batch, rng):
+        k = batch["k"]
+        seen.append(k)
+        assert type(k) is int  # the loss gets the int itself, not a traced scalar
+        return token_mean_loss(model, {"tokens": batch["tokens"][:, -k:], "mask": batch["mask"][:, -k:]}, rng)
+
+    optimizer = optax.sgd(0.1)
+    fresh = lambda: init_train_state(ToyLM(rngs=nnx.Rngs(0)), optimizer)  # steps donate the state
+    state, model_def = fresh()
+    step = make_train_step(last_k_loss, optimizer, model_def=model_def, shardings=state_shardings(state),
+                           micro_batches=micro_batches)
+    batch = make_batch(3)
+    batch["mask"][:] = 1
+    losses = {}
+    for k in (6, 9, 6):
+        _, metrics = step(fresh()[0], {**batch, "k": k})
+        losses.setdefault(k, []).append(float(metrics["loss"]))
+    assert len(step._executables) == 2 and sorted(set(seen)) == [6, 9]
+    assert losses[6][0] == losses[6][1] != losses[9][0]
+    # The same loss as slicing the arrays on the host.
+    plain = make_train_step(token_mean_loss, optimizer, model_def=model_def, shardings=state_shardings(state),
+                            micro_batches=micro_batches)
+    _, want = plain(fresh()[0], {k: v[:, -9:] for k, v in batch.items()})
+    assert losses[9][0] == pytest.approx(float(want["loss"]), rel=1e-6)

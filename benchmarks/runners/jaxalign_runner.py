@@ -104,7 +104,9 @@ def dpo_step(model_dir: str, model_name: str, s: dict) -> list[dict]:
         jax.block_until_ready(state.params)
         times.append(time.perf_counter() - t)
     tokens = 2 * s["pairs"] * length
-    flops = 4 * forward_flops(cfg, tokens, length)  # policy forward + backward (3x) + reference forward
+    # policy forward + backward (3x) + reference forward; the LM head runs on the score_width
+    # response columns only (the loss never reads the prompt's logits), so only they count.
+    flops = 4 * forward_flops(cfg, tokens, length, head_tokens=2 * s["pairs"] * batch["score_width"])
     loss = float(metrics["loss"]) if "loss" in metrics else float("nan")
     return [workloads.row("dpo_step", model_name, FW, "step_time", _median(times[s["warmup"]:]), "s",
                           note=f"live reference; loss {loss:.4f}"),
@@ -165,14 +167,17 @@ def grpo_step(model_dir: str, model_name: str, s: dict, workload: str) -> list[d
     # generation: prefill of the prompt, then n single-token steps over a growing context
     gen_flops = forward_flops(mcfg, rows_n * s["prompt_len"], s["prompt_len"]) + sum(
         forward_flops(mcfg, rows_n, s["prompt_len"] + t + 1) for t in range(n))
-    # ref forward + policy forward/backward; the LM head scores the n completion tokens only
-    train_flops = 4 * forward_flops(mcfg, rows_n * total, total, head_tokens=rows_n * n)
+    # The LM head scores the n completion tokens only. The reference forward runs inside the
+    # rollout (its time is in generation_time), so train_flops, the part timed by step time less
+    # generation time, is the policy's forward and backward alone (3x a forward).
+    forward = forward_flops(mcfg, rows_n * total, total, head_tokens=rows_n * n)
+    train_flops = 3 * forward
     w = s["warmup"]
     return [workloads.row(workload, model_name, FW, "step_time", _median(times[w:]), "s",
                           note=f"generation {_median(gen[w:]):.3f} s of it (rollout incl. reference log-probs)"),
             workloads.row(workload, model_name, FW, "generation_time", _median(gen[w:]), "s"),
             workloads.row(workload, model_name, FW, "compile_or_first_step", times[0], "s"),
-            workloads.row(workload, model_name, FW, "model_flops", gen_flops + train_flops, "FLOP"),
+            workloads.row(workload, model_name, FW, "model_flops", gen_flops + forward + train_flops, "FLOP"),
             workloads.row(workload, model_name, FW, "train_flops", train_flops, "FLOP")]
 
 

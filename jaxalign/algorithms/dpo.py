@@ -8,6 +8,8 @@ need not stay in memory.
 from __future__ import annotations
 
 import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,11 +44,18 @@ class DPOConfig:
 def pair_logprobs(model, batch: dict):
     """Summed response log-probs and lengths of chosen and rejected: four `[B]` arrays.
 
-    One forward over the `[2B, T]` stack (chosen rows first).
+    One forward over the `[2B, T]` stack (chosen rows first). With the int
+    `score_width` that `collate_preference` adds, the LM head and softmax run
+    on the last `score_width` columns only (the responses; the prompt's
+    logits are never used), which gives the same sums.
     """
     keys = ("tokens", "loss_mask", "attention_mask", "positions")
     stacked = {k: jnp.concatenate([batch["chosen_" + k], batch["rejected_" + k]]) for k in keys}
-    logps, mask = response_logprobs(model, stacked)
+    width = batch.get("score_width")
+    if isinstance(width, jax.core.Tracer):
+        raise TypeError("score_width must be a Python int (a compile-time constant), not a traced array: "
+                        "keep it out of jnp.asarray / jit arguments (the train step keeps ints static)")
+    logps, mask = response_logprobs(model, stacked, last=None if width is None else int(width))
     seq, length = sequence_logprob(logps, mask), mask.sum(-1)
     b = batch["chosen_tokens"].shape[0]
     return seq[:b], seq[b:], length[:b], length[b:]
@@ -80,14 +89,14 @@ def make_reference_fn(reference):
 
     graphdef, state = nnx.split(reference)
 
-    @jax.jit
-    def ref(state, batch):
-        pc, pr, _, _ = pair_logprobs(nnx.merge(graphdef, state), batch)
+    @functools.partial(jax.jit, static_argnames="width")
+    def ref(state, batch, width):
+        pc, pr, _, _ = pair_logprobs(nnx.merge(graphdef, state), {**batch, "score_width": width})
         return pc, pr
 
     keys = ("tokens", "loss_mask", "attention_mask", "positions")
     return lambda batch: ref(state, {f"{s}_{k}": batch[f"{s}_{k}"] for s in ("chosen", "rejected")
-                                     for k in keys})
+                                     for k in keys}, width=batch.get("score_width"))
 
 
 def precompute_reference(ref_fn, pairs, *, batch_size: int) -> dict[int, tuple[float, float]]:

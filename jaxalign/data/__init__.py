@@ -19,6 +19,7 @@ from jaxalign.data.batching import (
     plan_packing,
     positions_from_mask,
     power_of_two_buckets,
+    score_width,
 )
 from jaxalign.data.builders import (
     BUILDERS,
@@ -74,6 +75,7 @@ __all__ = [
     "power_of_two_buckets",
     "prepare",
     "read_samples",
+    "score_width",
     "source_config",
     "tokenize_preference",
     "tokenize_prompts",

@@ -56,6 +56,27 @@ def bucket_length(n: int, *, max_length: int, buckets: Buckets = None) -> int:
     return next(s for s in sizes if s >= n)
 
 
+def score_width(first_columns: Sequence[int], length: int) -> int:
+    """Trailing columns of a `[B, length]` batch that hold every scored token.
+
+    first_columns: the column of each row's first loss-masked token (rows
+    with none are left out). The width `length - min(first_columns)` is
+    rounded up to a multiple of `ceil(length / 4)`, so a padded length gets
+    at most four widths (four compiles of a step that scores this many
+    columns), and capped at `length - 1` (token 0 is never scored).
+    """
+    cols = [int(c) for c in first_columns]
+    if not cols:
+        return 1
+    step = -(-length // 4)
+    return min(-(-(length - min(cols)) // step) * step, length - 1)
+
+
+def first_scored_columns(loss_mask: np.ndarray) -> list[int]:
+    """Column of the first 1 in each row of a `[B, T]` loss mask (rows without one skipped)."""
+    return [int(np.argmax(row)) for row in np.asarray(loss_mask) if row.any()]
+
+
 def pad(seqs: Sequence[np.ndarray], length: int, *, pad_id: int, side: str = "right"):
     """Pads 1-D int sequences to `[len(seqs), length]`; returns (tokens, mask)."""
     if side not in ("right", "left"):
@@ -114,11 +135,19 @@ def collate_preference(
     pad_id: int,
     side: str = "right",
 ) -> dict[str, np.ndarray]:
-    """`chosen_*` and `rejected_*` arrays, both `[B, length]` (concatenate for `[2B, T]`)."""
+    """`chosen_*` and `rejected_*` arrays, both `[B, length]` (concatenate for `[2B, T]`).
+
+    Also `score_width`, a Python int (see `score_width`): the last columns
+    that hold every response token, so a DPO step runs the LM head on those
+    only. A train step treats it as a compile-time constant.
+    """
     out = {}
+    first = []
     for name, seqs in (("chosen", chosen), ("rejected", rejected)):
         batch = collate_sequences(seqs, prompt_lengths, length=length, pad_id=pad_id, side=side)
         out.update({f"{name}_{k}": v for k, v in batch.items()})
+        first += first_scored_columns(batch["loss_mask"])
+    out["score_width"] = score_width(first, length)
     return out
 
 

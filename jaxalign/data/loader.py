@@ -150,6 +150,11 @@ class Loader:
             batch = batching.collate_preference([data.chosen[i] for i in local],
                                                 [data.rejected[i] for i in local],
                                                 data.prompt_lengths[local], **kw)
+            # The same width in every process (one program): from the global rows.
+            batch["score_width"] = batching.score_width(
+                [_first_scored(len(seq[i]), int(data.prompt_lengths[i]), length, self.padding_side)
+                 for seq in (data.chosen, data.rejected) for i in glob
+                 if len(seq[i]) > max(int(data.prompt_lengths[i]), 1)], length)
         else:
             batch = batching.collate_prompts([data.tokens[i] for i in local], **kw)
             batch["prompts"] = [data.prompts[i] for i in local]
@@ -189,3 +194,9 @@ class Loader:
             if key in state and state[key] != value:
                 raise ValueError(f"loader state has {key}={state[key]!r}, this loader {value!r}")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+def _first_scored(n: int, prompt_length: int, length: int, side: str) -> int:
+    """Column of the first response token of an `n`-token sequence padded to `length`."""
+    start = max(prompt_length, 1)
+    return start if side == "right" else length - n + start

@@ -35,6 +35,14 @@ from jaxalign.algorithms.rollout import (
 )
 from jaxalign.losses import dynamic_sampling_mask, group_advantages, grpo_loss, overlong_penalty, token_logprobs
 
+# Host-side helpers of the rollout, each one compiled program rather than a
+# dozen eagerly dispatched ops (every eager op shape is its own compiled
+# program, ~1.5 MB of resident memory each on XLA:CPU).
+_advantages = jax.jit(group_advantages, static_argnums=1, static_argnames=("scale", "eps"))
+_keep_groups = jax.jit(dynamic_sampling_mask, static_argnums=1, static_argnames="atol")
+_overlong = jax.jit(overlong_penalty, static_argnames=("max_len", "cache_len"))
+_copy_tree = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+
 
 @dataclasses.dataclass(frozen=True)
 class GroupConfig:
@@ -128,7 +136,7 @@ class GroupStep:
         self.reward_fn, self.tokenizer, self.prompts = reward_fn, tokenizer, prompts
         self.nan_policy = train_step.nan_policy
         # A copy: the train state may alias (and donate) the arrays the policy started from.
-        self.ref_params = None if reference_params is None else jax.tree.map(jnp.copy, reference_params)
+        self.ref_params = None if reference_params is None else _copy_tree(reference_params)
         self.ref_logps = make_logprob_fn(reference_model, temperature=cfg.sampling.temperature) \
             if cfg.beta > 0 else None
         self.key = jax.random.PRNGKey(seed)
@@ -138,8 +146,8 @@ class GroupStep:
     def _rewards(self, rollout) -> np.ndarray:
         rewards = np.asarray(self.reward_fn(rollout), np.float32)
         if self.cfg.overlong_cache:
-            rewards = rewards + np.asarray(overlong_penalty(
-                jnp.asarray(rollout.lengths), max_len=self.cfg.sampling.max_new_tokens,
+            rewards = rewards + np.asarray(_overlong(
+                np.asarray(rollout.lengths), max_len=self.cfg.sampling.max_new_tokens,
                 cache_len=self.cfg.overlong_cache))
         return rewards
 
@@ -160,7 +168,7 @@ class GroupStep:
             first = first or (rollout, rewards)
             n_groups = len(rewards) // g
             drawn += n_groups
-            keep = np.asarray(dynamic_sampling_mask(jnp.asarray(rewards), g)) if cfg.dynamic_sampling \
+            keep = np.asarray(_keep_groups(rewards, g)) if cfg.dynamic_sampling \
                 else np.ones(n_groups, bool)
             rows = np.repeat(keep, g)
             kept.append({k: v[rows] for k, v in arrays.items()})
@@ -181,7 +189,7 @@ class GroupStep:
             weights = np.concatenate([weights, np.zeros(missing, np.float32)])
         if cfg.overlong_filter:
             weights = weights * (~batch["truncated"].astype(bool))
-        adv = np.asarray(group_advantages(jnp.asarray(batch["rewards"]), g, scale=cfg.scale))
+        adv = np.asarray(_advantages(batch["rewards"], g, scale=cfg.scale))
         all_rewards = first[1]
         groups = all_rewards.reshape(-1, g)
         metrics = {

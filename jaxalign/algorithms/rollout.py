@@ -79,8 +79,9 @@ def make_logprob_fn(model: nnx.Module, *, temperature: float = 1.0):
         batch = {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}
         return response_logprobs(m, batch, temperature=temperature, last=last)[0]
 
-    return lambda params, b, last=None: fn(params, jnp.asarray(b["tokens"]), jnp.asarray(b["attention_mask"]),
-                                           jnp.asarray(b["loss_mask"]), last=last)
+    # Host arrays go to the jitted function as they are (a jnp.asarray each would be one more
+    # compiled staging program per shape).
+    return lambda params, b, last=None: fn(params, b["tokens"], b["attention_mask"], b["loss_mask"], last=last)
 
 
 def completion_width(loss_mask: np.ndarray) -> int:

@@ -328,7 +328,8 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None, m
             size = x.shape[-1] // n
             x = x[..., j * size:(j + 1) * size]
         value = np.asarray(rule.to_ours(x, cfg)).astype(jnp.dtype(dtype))
-        params[ours].set_value(value if mesh is not None else jnp.asarray(value))
+        # device_put, not jnp.asarray: the latter compiles a staging program per shape.
+        params[ours].set_value(value if mesh is not None else jax.device_put(value))
     model = abstract  # every parameter now holds its loaded value
     if mesh is not None:
         from jaxalign import sharding

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -47,5 +46,5 @@ class RewardModelScorer:
         return cls(model, config.get(NORM_KEY))
 
     def __call__(self, rollout: Rollout) -> np.ndarray:
-        raw = self._score(self.state, jnp.asarray(rollout.tokens), jnp.asarray(rollout.mask))
+        raw = self._score(self.state, np.asarray(rollout.tokens), np.asarray(rollout.mask))
         return (np.asarray(raw, np.float32) - self.mean) / self.std

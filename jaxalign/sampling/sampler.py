@@ -152,7 +152,7 @@ class Sampler:
             raise ValueError("params do not match the sampler's model (shapes or leaf order differ)")
         # One layout for the compiled program, whatever layout the caller holds (no copies).
         params = jax.tree.unflatten(self.param_treedef, leaves)
-        prompts, prompt_mask = jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_mask, jnp.int32)
+        prompts, prompt_mask = _int32_on_device(prompts), _int32_on_device(prompt_mask)
         if prompt_mask.is_fully_addressable:
             host_mask = np.asarray(prompt_mask)
             check_left_padded(host_mask)
@@ -161,9 +161,10 @@ class Sampler:
         padded, padded_mask = left_pad(prompts, prompt_mask, bucket_length(width), pad_id)
         static = _Static(n=n, buffer=bucket_length(max_new_tokens), greedy=greedy, use_top_k=top_k is not None,
                          use_top_p=top_p is not None, raw_logprobs=return_raw_logprobs)
-        args = (params, self.rest, padded, padded_mask, rng, jnp.float32(temperature),
-                jnp.int32(top_k or 0), jnp.float32(1.0 if top_p is None else top_p), jnp.int32(max_new_tokens),
-                jnp.asarray(eos_ids, jnp.int32).reshape(-1), jnp.int32(pad_id))
+        # Host scalars as NumPy: a jnp scalar would be one more compiled program per dtype.
+        args = (params, self.rest, padded, padded_mask, rng, np.float32(temperature),
+                np.int32(top_k or 0), np.float32(1.0 if top_p is None else top_p), np.int32(max_new_tokens),
+                np.asarray(eos_ids, np.int32).reshape(-1), np.int32(pad_id))
         out = self._executable(static, args)(*args)
         # The program fills a bucket-wide buffer; columns past max_new_tokens stay empty.
         for name in ("completions", "logprobs", "mask", "raw_logprobs"):
@@ -286,3 +287,10 @@ def _expand_cache(cache: KVCache, n: int, max_len: int) -> KVCache:
 
 
 __all__ = ["CompileStats", "SampleResult", "Sampler", "compile_stats", "generate"]
+
+
+def _int32_on_device(x) -> jax.Array:
+    """An int32 device array; a host array goes by `device_put` (no staging program compiled)."""
+    if isinstance(x, jax.Array):
+        return x if x.dtype == jnp.int32 else x.astype(jnp.int32)
+    return jax.device_put(np.asarray(x, np.int32))

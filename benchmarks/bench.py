@@ -6,7 +6,11 @@
 
 Each (framework, model, workload) runs in its own process (the runners in
 benchmarks/runners/, the workloads in benchmarks/workloads.py), one after the
-other, so no two compete for the cores and each peak RSS is its own. The
+other, so no two compete for the cores and each peak RSS is its own. Every
+workload runs `--rounds` times (default 2), the frameworks in alternating
+order (jaxalign, trl, tunix, then tunix, trl, jaxalign), and each keeps its
+fastest round: on a shared machine the speed drifts within minutes, and this
+way no framework gets only the slow minutes. The
 peers live in side virtualenvs (.bench-venvs/<name>, pinned by
 benchmarks/envs/<name>-requirements.txt; torch==2.13.0 CPU). The matmul
 ceiling is measured in the same run, and jaxalign's model-FLOPs utilisation
@@ -203,6 +207,43 @@ def table(rows: list[dict], frameworks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def merge_ceilings(rows: list[dict], again: list[dict]) -> list[dict]:
+    """`rows` with each matmul-ceiling row raised to a later measurement's value where higher."""
+    later = {r["workload"]: r for r in again}
+    out = []
+    for r in rows:
+        new = later.get(r["workload"]) if r["framework"] == "matmul-ceiling" else None
+        if new is not None:
+            best = max((r, new), key=lambda x: x["value"])
+            r = {**best, "note": best["note"] + f"; best of 2 measurements ({r['value']:.4g}, {new['value']:.4g})"}
+        out.append(r)
+    return out
+
+
+def best_round(runs: list[list[dict]]) -> list[dict]:
+    """The rows of the fastest of several runs of one (framework, workload): lowest step_time or
+    highest tokens_per_s; runs that failed are passed over while another succeeded. The kept
+    timing row notes every round's value, so the spread stays visible."""
+    def primary(rows):
+        for r in rows:
+            if r["metric"] == "step_time":
+                return r["value"]
+            if r["metric"] == "tokens_per_s":
+                return -r["value"]
+        return float("inf")
+
+    ok = [rows for rows in runs if not any(r["metric"] == "error" for r in rows)] or runs
+    best = min(ok, key=primary)
+    if len(runs) > 1:
+        values = [abs(primary(rows)) for rows in runs]
+        best = [dict(r) for r in best]
+        for r in best:
+            if r["metric"] in ("step_time", "tokens_per_s"):
+                spread = ", ".join(f"{v:.4g}" for v in values)
+                r["note"] = (r.get("note", "") + f"; best of {len(runs)} rounds ({spread})").lstrip("; ")
+    return best
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one warmup and one timed step: a smoke test")
@@ -212,6 +253,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no-scaling", action="store_true")
     ap.add_argument("--no-install", action="store_true", help="skip peers whose venv is missing")
     ap.add_argument("--threads", type=int, default=None, help="pin every process to the first N cores")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="runs of each (framework, workload), the frameworks in alternating order; the "
+                         "fastest is kept (a shared machine's speed drifts; --quick implies 1)")
     ap.add_argument("--out", default=str(ROOT / "results"))
     args = ap.parse_args(argv)
 
@@ -226,18 +270,26 @@ def main(argv=None) -> None:
             print(f"[bench] {fw}: no venv at {VENVS / fw}, skipped")
     start = time.time()
     rows = matmul_ceiling(args.threads)
+    rounds = 1 if args.quick else max(1, args.rounds)
     for model in args.models.split(","):
         for workload in args.workloads.split(","):
+            runs = {fw: [] for fw in frameworks}
+            for r in range(rounds):
+                for fw in (frameworks if r % 2 == 0 else frameworks[::-1]):
+                    runs[fw].append(run_one(fw, model, model_dirs[model], workload, quick=args.quick,
+                                            threads=args.threads))
             for fw in frameworks:
-                rows += run_one(fw, model, model_dirs[model], workload, quick=args.quick, threads=args.threads)
+                rows += best_round(runs[fw])
     if not args.no_scaling and "smollm2" in args.models.split(","):
         for name, override in SCALING.items():
             rows += run_one("jaxalign", "smollm2", model_dirs["smollm2"], name, quick=args.quick,
                             threads=args.threads, override=override)
+    if rounds > 1:  # the ceiling again at the end; the higher of the two counts (a lower MFU)
+        rows = merge_ceilings(rows, matmul_ceiling(args.threads))
     rows = add_mfu(rows)
     text = table(rows, frameworks)
     meta = {"cpu": _cpu_name(), "cores": len(os.sched_getaffinity(0)), "threads": args.threads,
-            "quick": args.quick, "minutes": round((time.time() - start) / 60, 1)}
+            "quick": args.quick, "rounds": rounds, "minutes": round((time.time() - start) / 60, 1)}
     print("\n" + text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -59,3 +59,25 @@ def test_workload_data_is_deterministic_and_shaped():
     assert workloads.spec("tiny", "sample", quick=True)["steps"] == 1
     assert workloads.reward([2, 3, 4, 5]) == 0.5
     assert 0 < workloads.peak_rss_mib() < 1e6
+
+
+def test_best_round_keeps_the_fastest_run_and_notes_every_round():
+    slow = [_row("d/m", "trl", "step_time", 2.0), _row("d/m", "trl", "peak_rss", 100.0, "MiB")]
+    fast = [_row("d/m", "trl", "step_time", 1.5), _row("d/m", "trl", "peak_rss", 110.0, "MiB")]
+    kept = bench.best_round([slow, fast])
+    assert [r["value"] for r in kept] == [1.5, 110.0]  # the whole fast run, its RSS included
+    assert kept[0]["note"] == "best of 2 rounds (2, 1.5)"
+    tok = [[_row("s/m", "trl", "tokens_per_s", v, "tok/s")] for v in (30.0, 40.0)]
+    assert bench.best_round(tok)[0]["value"] == 40.0
+    failed = [_row("d/m", "trl", "error", float("nan"), "")]
+    assert bench.best_round([failed, slow])[0]["value"] == 2.0
+    assert bench.best_round([slow]) == slow
+
+
+def test_the_higher_ceiling_measurement_is_kept():
+    first = [_row("matmul/jax", "matmul-ceiling", "gflops", 300.0, "GFLOP/s") | {"note": "a"},
+             _row("d/m", "jaxalign", "step_time", 1.0)]
+    again = [_row("matmul/jax", "matmul-ceiling", "gflops", 450.0, "GFLOP/s") | {"note": "b"}]
+    merged = bench.merge_ceilings(first, again)
+    assert merged[0]["value"] == 450.0 and merged[0]["note"] == "b; best of 2 measurements (300, 450)"
+    assert merged[1] == first[1]

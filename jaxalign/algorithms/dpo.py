@@ -52,10 +52,12 @@ def pair_logprobs(model, batch: dict):
     keys = ("tokens", "loss_mask", "attention_mask", "positions")
     stacked = {k: jnp.concatenate([batch["chosen_" + k], batch["rejected_" + k]]) for k in keys}
     width = batch.get("score_width")
-    if isinstance(width, jax.core.Tracer):
+    try:
+        width = None if width is None else int(width)
+    except jax.errors.ConcretizationTypeError as e:
         raise TypeError("score_width must be a Python int (a compile-time constant), not a traced array: "
-                        "keep it out of jnp.asarray / jit arguments (the train step keeps ints static)")
-    logps, mask = response_logprobs(model, stacked, last=None if width is None else int(width))
+                        "keep it out of jnp.asarray / jit arguments (the train step keeps ints static)") from e
+    logps, mask = response_logprobs(model, stacked, last=width)
     seq, length = sequence_logprob(logps, mask), mask.sum(-1)
     b = batch["chosen_tokens"].shape[0]
     return seq[:b], seq[b:], length[:b], length[b:]

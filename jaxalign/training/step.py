@@ -212,23 +212,22 @@ def _is_static(x) -> bool:
 
 
 def _split_static(batch: Any) -> tuple[Any, tuple]:
-    """Batch -> (the batch with its Python-int leaves set to None, ((path, int), ...))."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(batch)
-    static = tuple((jax.tree_util.keystr(path), x) for path, x in flat if _is_static(x))
-    if not static:
+    """Batch -> (the batch with its Python-int leaves set to None, (treedef, ((leaf index, int), ...)))."""
+    leaves, treedef = jax.tree.flatten(batch)
+    consts = tuple((i, x) for i, x in enumerate(leaves) if _is_static(x))
+    if not consts:
         return batch, ()
-    arrays = jax.tree.unflatten(treedef, [None if _is_static(x) else x for _, x in flat])
-    return arrays, (treedef, static)
+    arrays = jax.tree.unflatten(treedef, [None if _is_static(x) else x for x in leaves])
+    return arrays, (treedef, consts)
 
 
 def _with_static(arrays: Any, static: tuple) -> Any:
-    """Inverse of `_split_static`."""
+    """Inverse of `_split_static` (None is an empty subtree, so `arrays` has the other leaves only)."""
     if not static:
         return arrays
     treedef, consts = static
-    values = dict(consts)
-    flat, _ = jax.tree_util.tree_flatten_with_path(arrays, is_leaf=lambda x: x is None)
-    return jax.tree.unflatten(treedef, [values.get(jax.tree_util.keystr(path), x) for path, x in flat])
+    values, rest = dict(consts), iter(jax.tree.leaves(arrays))
+    return jax.tree.unflatten(treedef, [values[i] if i in values else next(rest) for i in range(treedef.num_leaves)])
 
 
 def _split_micro(x: jax.Array, m: int, mesh) -> jax.Array:

@@ -33,12 +33,7 @@ def token_logprobs(logits: Array, targets: Array) -> Array:
     # is between small numbers (logit − logsumexp of raw logits ~1e4 would
     # cancel away float32 digits). The max is a constant of the gradient.
     shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    # The target's logit as a masked sum rather than a gather: the same value
-    # (every other term is an exact 0), and its gradient is an elementwise
-    # select that fuses with the softmax's, where a gather's is a scatter
-    # into a zeroed `[B, T, V]` buffer (measured in docs/training.md).
-    vocab = jax.lax.broadcasted_iota(jnp.int32, shifted.shape, shifted.ndim - 1)
-    picked = jnp.sum(jnp.where(vocab == targets[..., None].astype(jnp.int32), shifted, 0.0), axis=-1)
+    picked = jnp.take_along_axis(shifted, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return picked - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
 
 

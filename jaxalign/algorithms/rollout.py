@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalign.algorithms.common import response_logprobs
+from jaxalign.data.batching import first_scored_columns
 from jaxalign.rewards import Rollout
 from jaxalign.sampling import Sampler
 from jaxalign.training import ModelDef
@@ -90,8 +91,8 @@ def completion_width(loss_mask: np.ndarray) -> int:
     Every row generates at least one token (mask 1) at column P, and the
     prompt columns before it have mask 0.
     """
-    used = np.flatnonzero(np.asarray(loss_mask).any(axis=0))
-    return int(loss_mask.shape[1] - used[0]) if used.size else 1
+    first = first_scored_columns(loss_mask)
+    return int(loss_mask.shape[1] - min(first)) if first else 1
 
 
 def concat_rows(parts: list[dict]) -> dict:

@@ -74,7 +74,8 @@ def score_width(first_columns: Sequence[int], length: int) -> int:
 
 def first_scored_columns(loss_mask: np.ndarray) -> list[int]:
     """Column of the first 1 in each row of a `[B, T]` loss mask (rows without one skipped)."""
-    return [int(np.argmax(row)) for row in np.asarray(loss_mask) if row.any()]
+    mask = np.asarray(loss_mask) != 0
+    return np.argmax(mask, axis=1)[mask.any(axis=1)].tolist()
 
 
 def pad(seqs: Sequence[np.ndarray], length: int, *, pad_id: int, side: str = "right"):

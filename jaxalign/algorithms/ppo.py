@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import time
 
 import jax
@@ -40,6 +41,19 @@ from jaxalign.losses import (
 )
 from jaxalign.models import Transformer, ValueModel, with_value_head
 from jaxalign.training import ModelDef
+
+
+# The rollout's host-side math as single compiled programs (eager jnp ops would
+# compile one small program per op and shape, ~1.5 MB of resident memory each).
+@functools.partial(jax.jit, static_argnames="kind")
+def _kl(old_logps, ref_logps, kind: str):
+    return kl_penalty(old_logps, ref_logps, kind=kind)
+
+
+@functools.partial(jax.jit, static_argnames=("gamma", "lam", "whiten_advantages"))
+def _advantages(rewards, values, mask, gamma: float, lam: float, whiten_advantages: bool):
+    adv, returns = gae(rewards, values, mask, gamma=gamma, lam=lam)
+    return (whiten(adv, mask) if whiten_advantages else adv), returns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,18 +175,13 @@ class PPOStep:
         mask = arrays["loss_mask"][:, 1:].astype(np.float32)
         ref = np.asarray(self.ref_logps(self.ref_params, batch))
         old_values = np.asarray(self.values(self._critic_params(params), batch["tokens"], batch["attention_mask"]))
-        kl = np.asarray(kl_penalty(jnp.asarray(batch["old_logps"]), jnp.asarray(ref), kind=cfg.kl_estimator)) * mask
+        kl = np.asarray(_kl(batch["old_logps"], ref, kind=cfg.kl_estimator)) * mask
         beta = float(self.kl_state.kl_coef)
         last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)  # last completion token of each row
         rewards = -beta * kl
         rewards[np.arange(len(last)), last] += scores
-        # Eager on purpose: jitted, XLA fuses GAE and whitening differently, and the last bits that
-        # moves are enough to flip tests/test_algorithms_online.py::test_ppo_learns_value_and_reward
-        # (its 12-step value-loss comparison is sensitive to rounding).
-        adv, returns = gae(jnp.asarray(rewards), jnp.asarray(old_values), jnp.asarray(mask), gamma=cfg.gamma,
-                           lam=cfg.lam)
-        if cfg.whiten_advantages:
-            adv = whiten(adv, jnp.asarray(mask))
+        adv, returns = _advantages(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam,
+                                   whiten_advantages=cfg.whiten_advantages)
         batch.update(old_values=old_values, advantages=np.asarray(adv) * mask, returns=np.asarray(returns))
         seq_kl = kl.sum(1)
         self.kl_state = self.kl_ctl.update(self.kl_state, float(seq_kl.mean()), len(seq_kl))

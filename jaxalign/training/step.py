@@ -82,6 +82,16 @@ class TrainStep:
         with jax.set_mesh(self.mesh):
             return self._get(arrays, static).lower(state, arrays)
 
+    def compiled(self, state: TrainState, batch: Any) -> jax.stages.Compiled:
+        """The compiled program this step runs for `batch`'s layout (compiled now if new).
+
+        For XLA's memory and cost analyses of what actually runs: the same
+        executable `__call__` uses, with the same compiler options.
+        """
+        arrays, static = _split_static(self.place_batch(batch))
+        with jax.set_mesh(self.mesh):
+            return self._executable(state, arrays, static)
+
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         arrays, static = _split_static(self.place_batch(batch))
         # The mesh context lets models constrain activations with bare

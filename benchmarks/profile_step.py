@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import glob
 import os
 import re
@@ -78,27 +77,13 @@ def main(argv=None) -> None:
     sys.modules.setdefault("torch", None)  # as in a jaxalign install (see runners/jaxalign_runner.py)
 
     import jax
-    import numpy as np
 
     import workloads
-    from jaxalign import training
+    from benchmarks.runners.jaxalign_runner import build_dpo
     from jaxalign.algorithms import dpo
-    from jaxalign.data import collate_preference
-    from jaxalign.models import load_hf
 
     s = workloads.spec(args.model, "dpo_step", False)
-    model, cfg = load_hf(args.model_dir or ROOT / "benchmarks" / ".models" / args.model)
-    prompt, chosen, rejected = workloads.dpo_batch(cfg.vocab_size, s)
-    length = s["prompt_len"] + s["completion_len"]
-    batch = collate_preference([np.concatenate([p, x]) for p, x in zip(prompt, chosen)],
-                               [np.concatenate([p, x]) for p, x in zip(prompt, rejected)],
-                               [s["prompt_len"]] * s["pairs"], length=length, pad_id=0)
-    ref_fn = dpo.make_reference_fn(copy.deepcopy(model))
-    optimizer = training.make_optimizer(training.OptimConfig(lr=workloads.LR, schedule="constant",
-                                                             warmup_steps=0, grad_clip_norm=0.0))
-    state, model_def = training.init_train_state(model, optimizer)
-    step = training.make_train_step(dpo.make_dpo_loss_fn(dpo.DPOConfig(beta=workloads.DPO_BETA)), optimizer,
-                                    model_def=model_def, shardings=training.state_shardings(state))
+    step, state, batch, ref_fn, _ = build_dpo(args.model_dir or str(ROOT / "benchmarks" / ".models" / args.model), s)
 
     def one(state):
         state, _ = step(state, dpo.attach_reference(batch, ref_fn=ref_fn))

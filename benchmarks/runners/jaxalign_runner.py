@@ -72,10 +72,13 @@ def _median(xs):
     return xs[len(xs) // 2]
 
 
-def dpo_step(model_dir: str, model_name: str, s: dict) -> list[dict]:
+def build_dpo(model_dir: str, s: dict):
+    """The `dpo_step` workload set up as `experiments/` would: (step, state, batch, ref_fn, cfg).
+
+    Shared with `benchmarks/profile_step.py`, so the profile traces the benchmarked step.
+    """
     import copy
 
-    import jax
     import numpy as np
 
     from jaxalign import training
@@ -96,6 +99,16 @@ def dpo_step(model_dir: str, model_name: str, s: dict) -> list[dict]:
     state, model_def = training.init_train_state(model, optimizer)
     step = training.make_train_step(loss_fn, optimizer, model_def=model_def,
                                     shardings=training.state_shardings(state))
+    return step, state, batch, ref_fn, cfg
+
+
+def dpo_step(model_dir: str, model_name: str, s: dict) -> list[dict]:
+    import jax
+
+    from jaxalign.algorithms import dpo
+
+    step, state, batch, ref_fn, cfg = build_dpo(model_dir, s)
+    length = s["prompt_len"] + s["completion_len"]
     times = []
     for i in range(s["warmup"] + s["steps"]):
         t = time.perf_counter()

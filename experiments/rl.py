@@ -63,17 +63,16 @@ def build_reward(reward_cfg):
 
 def build_step(algo_cfg, model, tokenizer, reward_fn, loader, optimizer, mesh, seed: int):
     """(step function for the loop, initial state, params -> policy params, params -> policy module)."""
-    import copy
 
     from flax import nnx
 
-    from jaxalign import training
+    from jaxalign import models, training
     from jaxalign.algorithms import group, ppo
     from jaxalign.algorithms.rollout import SamplingConfig
     from jaxalign.sampling import Sampler
 
     sampling = SamplingConfig(max_new_tokens=algo_cfg.max_new_tokens, temperature=algo_cfg.temperature)
-    reference = copy.deepcopy(model)
+    reference = models.clone_model(model)
     if algo_cfg.name == "ppo":
         cfg = ppo.PPOConfig(prompts_per_step=loader.batch_size, sampling=sampling, kl_coef=algo_cfg.kl_coef,
                             epochs=algo_cfg.epochs, critic=algo_cfg.critic)

@@ -86,6 +86,7 @@ def one_pass(loader):
 
 def build_loss(algo_cfg, model, train_loader):
     """(loss_fn, batch transform) for `config.algorithm.name`."""
+    from jaxalign import models
     from jaxalign.algorithms import dpo, reward_model, sft
 
     name = algo_cfg.name
@@ -98,9 +99,8 @@ def build_loss(algo_cfg, model, train_loader):
                             label_smoothing=algo_cfg.label_smoothing, rpo_alpha=algo_cfg.rpo_alpha)
         if not cfg.needs_reference:
             return dpo.make_dpo_loss_fn(cfg), None
-        import copy
 
-        ref_fn = dpo.make_reference_fn(copy.deepcopy(model))
+        ref_fn = dpo.make_reference_fn(models.clone_model(model))
         if algo_cfg.precompute_reference:
             table = dpo.precompute_reference(ref_fn, train_loader.data, batch_size=train_loader.batch_size)
             return dpo.make_dpo_loss_fn(cfg), lambda b: dpo.attach_reference(b, table=table)

@@ -11,14 +11,12 @@ policy, resident models and parameters, peak step memory, step time.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
@@ -108,9 +106,9 @@ def train_sft(cfg, task: Task):
             if acc >= c.stop_at_accuracy:
                 break
     bar.close()
-    params = jax.tree.map(jnp.copy, state.params)
+    params = models.copy_tree(state.params)
     # A model holding its own copy: the train state consumed the original's arrays.
-    return mdef.merge(jax.tree.map(jnp.copy, params)), params, history
+    return mdef.merge(models.copy_tree(params)), params, history
 
 
 def label_pairs(cfg, task: Task, model, params, *, reference_fallback: bool = False) -> data.PreferenceData:
@@ -151,7 +149,7 @@ def _sample(sampler, params, batch, n, task, seed):
 def train_reward_model(cfg, model, params, pairs) -> tuple[RewardModelScorer, dict]:
     """Bradley–Terry on the labelled pairs, starting from the SFT backbone."""
     c = cfg.reward_model
-    lm = copy.deepcopy(model)
+    lm = models.clone_model(model)
     nnx.update(lm, _state_of(lm, params))
     rm = models.with_value_head(lm, init="reward", rngs=nnx.Rngs(cfg.seed))
     opt = training.make_optimizer(training.OptimConfig(lr=c.lr, schedule="constant"))
@@ -173,12 +171,11 @@ def train_reward_model(cfg, model, params, pairs) -> tuple[RewardModelScorer, di
 def _state_of(model, params):
     """An nnx.State for `model`'s Params holding copies of the pure-dict `params`."""
     state = nnx.state(model, nnx.Param)
-    leaves = jax.tree.leaves(params)
-    return jax.tree.unflatten(jax.tree.structure(state), [jnp.copy(x) for x in leaves])
+    return jax.tree.unflatten(jax.tree.structure(state), models.copy_tree(jax.tree.leaves(params)))
 
 
 def _policy_from(model, params):
-    policy = copy.deepcopy(model)
+    policy = models.clone_model(model)
     nnx.update(policy, _state_of(policy, params))
     return policy
 

@@ -113,6 +113,8 @@ def test_parquet_source(tmp_path):
 
 
 def test_gsm8k_random_mock_maps_question_and_short_answer(tmp_path):
+    import tensorflow_datasets.text.gsm8k  # noqa: F401  registers the builder the raw read below names
+
     tok = make_char_tokenizer(tmp_path / "tok")
     with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
         raw = tfds.data_source("gsm8k", split="train")
@@ -148,3 +150,25 @@ def test_gsm8k_final_answer_after_hashes():
     # Without the split-out field, the text after the last '####' is used.
     assert data.gsm8k_record({"question": "q", "answer": "a #### b\n#### 42 "}) == {
         "prompt": "q", "answer": "42"}
+
+
+def test_tensorflow_datasets_is_imported_only_when_a_builder_is_used():
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "import jaxalign.data, jaxalign.algorithms.group, jaxalign.algorithms.dpo, jaxalign.training\n"
+        "assert 'tensorflow_datasets' not in sys.modules, 'imported eagerly'\n"
+        "from jaxalign.data import prepare, gsm8k_prompts\n"
+        "assert 'tensorflow_datasets' in sys.modules\n"
+        "assert prepare.__module__ == 'jaxalign.data.builders' and 'prepare' in dir(jaxalign.data)\n"
+        "try:\n"
+        "    jaxalign.data.no_such_name\n"
+        "except AttributeError as e:\n"
+        "    assert 'no_such_name' in str(e)\n"
+        "else:\n"
+        "    raise SystemExit('no AttributeError')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -225,3 +226,24 @@ def test_safetensors_reader_equals_the_safetensors_library_and_refuses_short_fil
     last = max(reader.entries, key=lambda k: reader.entries[k]["data_offsets"][1])
     with pytest.raises(CheckpointError, match=last):
         short.get(last)
+
+
+def test_clone_model_owns_its_buffers_and_compiles_once():
+    from jaxalign.models import clone_model, copy_tree
+
+    model = Transformer(tiny_config(), rngs=nnx.Rngs(0))
+    tokens = jnp.asarray([[1, 5, 7, 2]], jnp.int32)
+    expected = np.asarray(model(tokens))
+    before = copy_tree._cache_size()
+    clone = clone_model(model)
+    originals = jax.tree.leaves(nnx.state(model))
+    copies = jax.tree.leaves(nnx.state(clone))
+    assert len(originals) == len(copies)
+    for a, b in zip(originals, copies):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a.unsafe_buffer_pointer() != b.unsafe_buffer_pointer()
+    clone_model(model)  # same tree structure: no second program
+    assert copy_tree._cache_size() - before == 1
+    for a in originals:  # as a donating train step would
+        a.delete()
+    np.testing.assert_array_equal(np.asarray(clone(tokens)), expected)

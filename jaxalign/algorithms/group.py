@@ -33,6 +33,7 @@ from jaxalign.algorithms.rollout import (
     positions,
     sample,
 )
+from jaxalign.models import copy_tree
 from jaxalign.losses import dynamic_sampling_mask, group_advantages, grpo_loss, overlong_penalty, token_logprobs
 
 # Host-side helpers of the rollout, each one compiled program rather than a
@@ -41,7 +42,6 @@ from jaxalign.losses import dynamic_sampling_mask, group_advantages, grpo_loss, 
 _advantages = jax.jit(group_advantages, static_argnums=1, static_argnames=("scale", "eps"))
 _keep_groups = jax.jit(dynamic_sampling_mask, static_argnums=1, static_argnames="atol")
 _overlong = jax.jit(overlong_penalty, static_argnames=("max_len", "cache_len"))
-_copy_tree = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +136,7 @@ class GroupStep:
         self.reward_fn, self.tokenizer, self.prompts = reward_fn, tokenizer, prompts
         self.nan_policy = train_step.nan_policy
         # A copy: the train state may alias (and donate) the arrays the policy started from.
-        self.ref_params = None if reference_params is None else _copy_tree(reference_params)
+        self.ref_params = None if reference_params is None else copy_tree(reference_params)
         self.ref_logps = make_logprob_fn(reference_model, temperature=cfg.sampling.temperature) \
             if cfg.beta > 0 else None
         self.key = jax.random.PRNGKey(seed)

@@ -17,7 +17,6 @@ value loss clipped around the rollout's values; adaptive KL coefficient.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import time
@@ -39,7 +38,7 @@ from jaxalign.losses import (
     token_logprobs,
     whiten,
 )
-from jaxalign.models import Transformer, ValueModel, with_value_head
+from jaxalign.models import Transformer, ValueModel, clone_model, copy_tree, with_value_head
 from jaxalign.training import ModelDef
 
 
@@ -90,7 +89,7 @@ class ActorCritic(nnx.Module):
             self.actor, self.critic = actor, with_value_head(actor)
         else:
             self.actor = actor
-            self.critic = with_value_head(copy.deepcopy(actor))
+            self.critic = with_value_head(clone_model(actor))
 
 
 def make_ppo_loss_fn(cfg: PPOConfig):
@@ -143,7 +142,7 @@ class PPOStep:
         self.nan_policy = train_step.nan_policy
         self.shared = model.critic.backbone is model.actor
         # A copy: the train state may alias (and donate) the arrays the policy started from.
-        self.ref_params = jax.tree.map(jnp.copy, nnx.to_pure_dict(nnx.state(reference, nnx.Param)))
+        self.ref_params = copy_tree(nnx.to_pure_dict(nnx.state(reference, nnx.Param)))
         self.ref_logps = make_logprob_fn(reference, temperature=cfg.sampling.temperature)
         self.values = _values_fn(model.critic)
         self.kl_ctl = (adaptive_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)

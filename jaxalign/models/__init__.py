@@ -5,6 +5,7 @@
     save_hf(model, "out_dir")                      # transformers loads it back
 """
 
+from jaxalign.models.clone import clone_model, copy_tree
 from jaxalign.models.config import (
     SUPPORTED_FAMILIES,
     ModelConfig,
@@ -20,6 +21,6 @@ from jaxalign.models.tiny import tiny_config
 
 __all__ = [
     "SUPPORTED_FAMILIES", "CheckpointError", "KVCache", "ModelConfig", "RopeConfig", "Transformer",
-    "UnsupportedConfigError", "ValueModel", "check_tokenizer", "config_from_hf", "gguf_to_hf", "hf_config_dict",
+    "UnsupportedConfigError", "ValueModel", "check_tokenizer", "clone_model", "config_from_hf", "copy_tree", "gguf_to_hf", "hf_config_dict",
     "last_token_scores", "load_gguf", "load_hf", "save_hf", "tiny_config", "with_value_head",
 ]

@@ -190,7 +190,9 @@ class Sampler:
         if key not in _compiled:
             start = time.perf_counter()
             fn = jax.jit(functools.partial(_rollout, self.graphdef, static))
-            _compiled[key] = fn.lower(*args).compile()
+            lowered = fn.lower(*args)
+            release_host_memory()  # before and after: the compile's peak stacks on neither side's freed heap
+            _compiled[key] = lowered.compile()
             release_host_memory()
             _stats["count"] += 1
             _stats["seconds"] += time.perf_counter() - start

@@ -158,6 +158,10 @@ def add_mfu(rows: list[dict]) -> list[dict]:
     out = list(rows)
     index = {(r["workload"], r["framework"], r["metric"]): r["value"] for r in rows}
     for (w, fw, metric), flops in list(index.items()):
+        if fw == "jaxalign" and metric == "matmul_flops" and index.get((w, fw, "matmul_time")):
+            out.append({"workload": w, "framework": fw, "metric": "matmul_mfu", "unit": "%",
+                        "value": 100.0 * flops / index[(w, fw, "matmul_time")] / (ceiling * 1e9)})
+            continue
         if fw != "jaxalign" or metric not in ("model_flops", "train_flops"):
             continue
         step = index.get((w, fw, "step_time"))
@@ -174,7 +178,8 @@ def add_mfu(rows: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict], frameworks: list[str]) -> str:
-    metrics = ("step_time", "tokens_per_s", "peak_rss", "mfu", "train_mfu")
+    metrics = ("step_time", "tokens_per_s", "peak_rss", "mfu", "train_mfu", "reference_time", "fwd_bwd_time",
+               "train_step_time", "optimizer_time", "matmul_mfu")
     peers = [f for f in frameworks if f != "jaxalign"]
     head = ["workload", "metric", "jaxalign"] + peers + [f"jaxalign vs {p}" for p in peers]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -284,6 +289,10 @@ def main(argv=None) -> None:
         for name, override in SCALING.items():
             rows += run_one("jaxalign", "smollm2", model_dirs["smollm2"], name, quick=args.quick,
                             threads=args.threads, override=override)
+        # Where the DPO step's time goes: its matmul-bound part (reference forward, policy
+        # forward + backward) against the rest (gradient norm, NaN guard, AdamW).
+        rows += run_one("jaxalign", "smollm2", model_dirs["smollm2"], "dpo_parts", quick=args.quick,
+                        threads=args.threads)
     if rounds > 1:  # the ceiling again at the end; the higher of the two counts (a lower MFU)
         rows = merge_ceilings(rows, matmul_ceiling(args.threads))
     rows = add_mfu(rows)

@@ -10,6 +10,13 @@ thunks run at once on the two worker threads, each gets half of that
 stretch, so the column adds up to the time some op was running; the rest
 of the step is gaps between ops. Set `XLA_FLAGS` or `JAXALIGN_XLA_DEFAULTS=1`
 to compare compiler options (docs/training.md).
+
+Read it as a map, not a stopwatch: a dot that XLA hands to Eigen (not YNNPACK)
+runs asynchronously, so its event covers only the launch and its work shows as
+a gap; and two independent ops that share the two cores (the LM head's `dx` and
+`dW` GEMMs, say) each look twice as slow as alone. Compare variants with paired
+runs in one process (`--workload dpo_parts` of the runner for the parts of a
+step).
 """
 
 from __future__ import annotations
@@ -83,7 +90,7 @@ def main(argv=None) -> None:
     from jaxalign.algorithms import dpo
 
     s = workloads.spec(args.model, "dpo_step", False)
-    step, state, batch, ref_fn, _ = build_dpo(args.model_dir or str(ROOT / "benchmarks" / ".models" / args.model), s)
+    step, state, batch, ref_fn, *_ = build_dpo(args.model_dir or str(ROOT / "benchmarks" / ".models" / args.model), s)
 
     def one(state):
         state, _ = step(state, dpo.attach_reference(batch, ref_fn=ref_fn))

@@ -26,6 +26,11 @@ What each workload does (the same on every side, fp32, CPU):
   (beta 0.04, k3 KL), one AdamW step with the clipped loss (eps 0.2, one
   update per batch so the ratio is 1). Metric ``step_time`` including
   generation, seconds.
+- ``dpo_parts`` (jaxalign only, SmolLM2 in ``make bench``): the ``dpo_step``
+  workload taken apart, the reference forward, the policy's forward and
+  backward compiled alone (no optimizer), and the train step, timed in turn;
+  ``matmul_time`` (reference + forward/backward) and ``matmul_flops`` give
+  the MFU of the step's matmul-bound work.
 - ``sample``: generate exactly ``new_tokens`` tokens for ``batch`` prompts of
   ``prompt_len`` tokens (temperature 1, EOS disabled, KV cache). Metric
   ``tokens_per_s`` = batch * new_tokens / median wall time over ``steps``

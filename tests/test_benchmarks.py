@@ -27,6 +27,14 @@ def test_mfu_is_flops_over_time_over_the_measured_ceiling():
     assert got == {"mfu": 50.0, "train_mfu": 50.0}  # 50e9/1/100e9; 20e9/(1-0.6)/100e9
 
 
+def test_matmul_mfu_counts_the_reference_and_the_forward_backward_only():
+    rows = [_row("matmul/jax", "matmul-ceiling", "gflops", 100.0, "GFLOP/s"),
+            _row("dpo_parts/m", "jaxalign", "matmul_time", 0.8), _row("dpo_parts/m", "jaxalign", "train_step_time", 1.0),
+            _row("dpo_parts/m", "jaxalign", "matmul_flops", 60e9, "FLOP")]
+    got = [r for r in bench.add_mfu(rows) if r["metric"].endswith("mfu")]
+    assert [(r["metric"], r["value"]) for r in got] == [("matmul_mfu", 75.0)]  # 60e9 / 0.8 s / 100e9
+
+
 def test_ratios_read_as_jaxalign_ahead_when_above_one():
     rows = [_row("dpo/m", "jaxalign", "step_time", 1.0), _row("dpo/m", "trl", "step_time", 3.0),
             _row("s/m", "jaxalign", "tokens_per_s", 10.0, "tok/s"), _row("s/m", "trl", "tokens_per_s", 40.0, "tok/s"),

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -72,19 +73,28 @@ def _median(xs):
     return xs[len(xs) // 2]
 
 
-def build_dpo(model_dir: str, s: dict):
-    """The `dpo_step` workload set up as `experiments/` would: (step, state, batch, ref_fn, cfg).
+class DPOSetup(NamedTuple):
+    step: Any          # the TrainStep
+    state: Any         # its TrainState
+    batch: dict        # the preference batch, without reference log-probs
+    ref_fn: Any        # batch -> reference log-probs (a live frozen reference)
+    cfg: Any           # the ModelConfig
+    loss_fn: Any       # the step's loss, for `dpo_parts`
+    model_def: Any     # params -> model, for `dpo_parts`
+
+
+def build_dpo(model_dir: str, s: dict) -> DPOSetup:
+    """The `dpo_step` workload set up as `experiments/` would.
 
     Shared with `benchmarks/profile_step.py`, so the profile traces the benchmarked step.
     """
-    import copy
 
     import numpy as np
 
     from jaxalign import training
     from jaxalign.algorithms import dpo
     from jaxalign.data import collate_preference
-    from jaxalign.models import load_hf
+    from jaxalign.models import clone_model, load_hf
 
     model, cfg = load_hf(model_dir)
     prompt, chosen, rejected = workloads.dpo_batch(cfg.vocab_size, s)
@@ -92,14 +102,14 @@ def build_dpo(model_dir: str, s: dict):
     r = [np.concatenate([p, x]) for p, x in zip(prompt, rejected)]
     length = s["prompt_len"] + s["completion_len"]
     batch = collate_preference(c, r, [s["prompt_len"]] * s["pairs"], length=length, pad_id=0)
-    ref_fn = dpo.make_reference_fn(copy.deepcopy(model))
+    ref_fn = dpo.make_reference_fn(clone_model(model))
     loss_fn = dpo.make_dpo_loss_fn(dpo.DPOConfig(beta=workloads.DPO_BETA))
     optimizer = training.make_optimizer(training.OptimConfig(lr=workloads.LR, schedule="constant",
                                                              warmup_steps=0, grad_clip_norm=0.0))
     state, model_def = training.init_train_state(model, optimizer)
     step = training.make_train_step(loss_fn, optimizer, model_def=model_def,
                                     shardings=training.state_shardings(state))
-    return step, state, batch, ref_fn, cfg
+    return DPOSetup(step, state, batch, ref_fn, cfg, loss_fn, model_def)
 
 
 def dpo_step(model_dir: str, model_name: str, s: dict) -> list[dict]:
@@ -107,7 +117,7 @@ def dpo_step(model_dir: str, model_name: str, s: dict) -> list[dict]:
 
     from jaxalign.algorithms import dpo
 
-    step, state, batch, ref_fn, cfg = build_dpo(model_dir, s)
+    step, state, batch, ref_fn, cfg, _, _ = build_dpo(model_dir, s)
     length = s["prompt_len"] + s["completion_len"]
     times = []
     for i in range(s["warmup"] + s["steps"]):
@@ -127,8 +137,57 @@ def dpo_step(model_dir: str, model_name: str, s: dict) -> list[dict]:
             workloads.row("dpo_step", model_name, FW, "model_flops", flops, "FLOP")]
 
 
+def dpo_parts(model_dir: str, model_name: str, s: dict) -> list[dict]:
+    """The `dpo_step` workload taken apart: reference forward, policy forward + backward alone, train step.
+
+    The forward + backward is the step's loss and gradient compiled on their own (same compiler
+    options), without the optimizer update, the gradient norm and the NaN guard: the step's
+    matmul-bound work. The three run in turn, `steps` times after `warmup`; medians.
+    """
+    import jax
+
+    from jaxalign.algorithms import dpo
+    from jaxalign.host import train_step_compiler_options
+
+    step, state, batch, ref_fn, cfg, loss_fn, model_def = build_dpo(model_dir, s)
+    full = dpo.attach_reference(batch, ref_fn=ref_fn)
+    width = full["score_width"]  # a compile-time int, as in the train step
+    arrays = step.place_batch({k: v for k, v in full.items() if k != "score_width"})
+
+    def loss(params, arrays):
+        (num, den), _ = loss_fn(model_def.merge(params), {**arrays, "score_width": width}, None)
+        return num / den
+
+    options = train_step_compiler_options(jax.devices()[0].platform)
+    fwd_bwd = jax.jit(jax.value_and_grad(loss)).lower(state.params, arrays).compile(options)
+    times: dict[str, list[float]] = {"reference": [], "fwd_bwd": [], "step": []}
+    for i in range(s["warmup"] + s["steps"]):
+        t0 = time.perf_counter()
+        jax.block_until_ready(dpo.attach_reference(batch, ref_fn=ref_fn))
+        t1 = time.perf_counter()
+        jax.block_until_ready(fwd_bwd(state.params, arrays))
+        t2 = time.perf_counter()
+        state, _ = step(state, full)
+        jax.block_until_ready(state.params)
+        t3 = time.perf_counter()
+        if i >= s["warmup"]:
+            for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+                times[k].append(v)
+    length = s["prompt_len"] + s["completion_len"]
+    forward = forward_flops(cfg, 2 * s["pairs"] * length, length, head_tokens=2 * s["pairs"] * width)
+    ref_t, fb_t, step_t = (_median(times[k]) for k in times)
+    note = "reference forward + policy forward/backward, no optimizer"
+    return [workloads.row("dpo_parts", model_name, FW, "reference_time", ref_t, "s"),
+            workloads.row("dpo_parts", model_name, FW, "fwd_bwd_time", fb_t, "s"),
+            workloads.row("dpo_parts", model_name, FW, "train_step_time", step_t, "s",
+                          note="the train step alone (forward, backward, gradient norm, AdamW)"),
+            workloads.row("dpo_parts", model_name, FW, "optimizer_time", step_t - fb_t, "s",
+                          note="train step less forward/backward: gradient norm, NaN guard, AdamW"),
+            workloads.row("dpo_parts", model_name, FW, "matmul_time", ref_t + fb_t, "s", note=note),
+            workloads.row("dpo_parts", model_name, FW, "matmul_flops", 4 * forward, "FLOP", note=note)]
+
+
 def grpo_step(model_dir: str, model_name: str, s: dict, workload: str) -> list[dict]:
-    import copy
 
     import jax
     import numpy as np
@@ -139,7 +198,7 @@ def grpo_step(model_dir: str, model_name: str, s: dict, workload: str) -> list[d
     from jaxalign.algorithms import group
     from jaxalign.algorithms.rollout import SamplingConfig
     from jaxalign.data import collate_prompts
-    from jaxalign.models import load_hf
+    from jaxalign.models import clone_model, load_hf
     from jaxalign.sampling import Sampler
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -155,7 +214,7 @@ def grpo_step(model_dir: str, model_name: str, s: dict, workload: str) -> list[d
 
     cfg = group.preset("grpo", group_size=g, prompts_per_step=s["prompts"], beta=workloads.GRPO_BETA,
                        clip_eps=workloads.GRPO_EPS, sampling=SamplingConfig(max_new_tokens=n, temperature=1.0))
-    reference = copy.deepcopy(model)
+    reference = clone_model(model)
     ref_params = nnx.to_pure_dict(nnx.state(reference, nnx.Param))  # GroupStep keeps its own copy
     optimizer = training.make_optimizer(training.OptimConfig(lr=workloads.LR, schedule="constant",
                                                              warmup_steps=0, grad_clip_norm=0.0))
@@ -230,10 +289,13 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--override", default="{}", help="JSON dict merged into the workload spec (scaling runs)")
     args = ap.parse_args(argv)
-    s = {**workloads.spec(args.model, args.workload.split("@")[0], args.quick), **json.loads(args.override)}
+    spec_name = "dpo_step" if args.workload == "dpo_parts" else args.workload.split("@")[0]
+    s = {**workloads.spec(args.model, spec_name, args.quick), **json.loads(args.override)}
     base = args.workload.split("@")[0]
     if base == "dpo_step":
         rows = dpo_step(args.model_dir, args.model, s)
+    elif base == "dpo_parts":
+        rows = dpo_parts(args.model_dir, args.model, s)
     elif base.startswith("grpo_step"):
         rows = grpo_step(args.model_dir, args.model, s, base)
     elif base == "sample":

@@ -21,6 +21,7 @@ from jaxalign.models.tiny import tiny_config
 
 __all__ = [
     "SUPPORTED_FAMILIES", "CheckpointError", "KVCache", "ModelConfig", "RopeConfig", "Transformer",
-    "UnsupportedConfigError", "ValueModel", "check_tokenizer", "clone_model", "config_from_hf", "copy_tree", "gguf_to_hf", "hf_config_dict",
-    "last_token_scores", "load_gguf", "load_hf", "save_hf", "tiny_config", "with_value_head",
+    "UnsupportedConfigError", "ValueModel", "check_tokenizer", "clone_model", "config_from_hf", "copy_tree",
+    "gguf_to_hf", "hf_config_dict", "last_token_scores", "load_gguf", "load_hf", "save_hf", "tiny_config",
+    "with_value_head",
 ]

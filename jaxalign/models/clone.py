@@ -27,12 +27,10 @@ def clone_model(model: M) -> M:
     Donating or deleting the original's arrays leaves the clone intact.
     """
     graphdef, state = nnx.split(model)
-    arrays, other = [], []
-    for leaf in jax.tree.leaves(state):
-        (arrays if isinstance(leaf, jax.Array) else other).append(leaf)
-    copies = iter(copy_tree(arrays))
-    leaves = [next(copies) if isinstance(x, jax.Array) else x for x in jax.tree.leaves(state)]
-    return nnx.merge(graphdef, jax.tree.unflatten(jax.tree.structure(state), leaves))
+    leaves, treedef = jax.tree.flatten(state)
+    copies = iter(copy_tree([x for x in leaves if isinstance(x, jax.Array)]))
+    leaves = [next(copies) if isinstance(x, jax.Array) else x for x in leaves]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
 
 __all__ = ["clone_model", "copy_tree"]

@@ -241,4 +241,7 @@ def write_report(report: dict, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    from jaxalign.host import enable_compilation_cache
+
+    enable_compilation_cache()
     main()

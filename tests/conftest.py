@@ -15,3 +15,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Entry scripts run as subprocesses would otherwise write compiled programs to
+# ~/.cache/jaxalign/xla; the cache has its own test (test_training_step.py).
+os.environ.setdefault("JAXALIGN_COMPILE_CACHE", "0")

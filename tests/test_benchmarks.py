@@ -82,6 +82,18 @@ def test_best_round_keeps_the_fastest_run_and_notes_every_round():
     assert bench.best_round([slow]) == slow
 
 
+def test_rss_and_first_step_come_from_the_rerun_with_first_run_rows_beside_them():
+    cold = [_row("d/m", "tunix", "step_time", 1.0), _row("d/m", "tunix", "compile_or_first_step", 5.0),
+            _row("d/m", "tunix", "peak_rss", 600.0, "MiB")]
+    warm = [_row("d/m", "tunix", "step_time", 1.2), _row("d/m", "tunix", "compile_or_first_step", 0.5),
+            _row("d/m", "tunix", "peak_rss", 350.0, "MiB")]
+    runs = [cold, warm]
+    out = {r["metric"]: r["value"] for r in bench.first_and_rerun(runs, bench.best_round(runs))}
+    assert out == {"step_time": 1.0, "compile_or_first_step": 0.5, "compile_or_first_step_first_run": 5.0,
+                   "peak_rss": 350.0, "peak_rss_first_run": 600.0}
+    assert bench.first_and_rerun([cold], cold) == cold  # one round: nothing to split
+
+
 def test_the_higher_ceiling_measurement_is_kept():
     first = [_row("matmul/jax", "matmul-ceiling", "gflops", 300.0, "GFLOP/s") | {"note": "a"},
              _row("d/m", "jaxalign", "step_time", 1.0)]

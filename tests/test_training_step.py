@@ -306,3 +306,68 @@ def test_cpu_step_options_reach_the_compiler_and_keep_the_gradient(monkeypatch):
     assert "__ynn_fusion" in programs["jaxalign"]
     assert copies(programs["jaxalign"]) < copies(programs["xla-defaults"]), (
         copies(programs["jaxalign"]), copies(programs["xla-defaults"]))
+
+
+_CACHE_RUN = r"""
+import json, os, sys
+sys.path.insert(0, os.getcwd())
+import jax
+from jaxalign.host import enable_compilation_cache
+events = []
+jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
+where = enable_compilation_cache()
+from tests._train_worker import run_steps
+_, metrics = run_steps("one", 3)
+print(json.dumps({"dir": where, "losses": [repr(float(m["loss"])) for m in metrics],
+                  "hits": events.count("/jax/compilation_cache/cache_hits"),
+                  "misses": events.count("/jax/compilation_cache/cache_misses")}))
+"""
+
+
+def _cache_run(env_extra: dict) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(env_extra)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _CACHE_RUN], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_compilation_cache_rerun_loads_every_program_and_trains_identically(tmp_path):
+    cache = tmp_path / "xla"
+    first = _cache_run({"JAXALIGN_COMPILE_CACHE": str(cache)})
+    assert first["dir"] == str(cache) and first["hits"] == 0 and first["misses"] >= 3
+    assert (cache.stat().st_mode & 0o777) == 0o700
+    entries = sorted(p.name for p in cache.iterdir() if p.name.endswith("-cache"))
+    assert any(name.startswith("jit__lambda") or "step" in name for name in entries), entries
+    second = _cache_run({"JAXALIGN_COMPILE_CACHE": str(cache)})
+    assert second["misses"] == 0 and second["hits"] == first["misses"]  # nothing compiled again
+    assert second["losses"] == first["losses"]  # bit for bit
+    # Default: $JAXALIGN_CACHE/xla/<host fingerprint>. A directory set through JAX's own variable wins.
+    from jaxalign.host import _host_fingerprint
+
+    default = _cache_run({"JAXALIGN_COMPILE_CACHE": "", "JAXALIGN_CACHE": str(tmp_path / "root")})
+    assert default["dir"] == str(tmp_path / "root" / "xla" / _host_fingerprint())
+    assert default["hits"] == 0 and default["losses"] == first["losses"]
+    theirs = tmp_path / "theirs"
+    kept = _cache_run({"JAXALIGN_COMPILE_CACHE": "", "JAX_COMPILATION_CACHE_DIR": str(theirs),
+                       "JAXALIGN_CACHE": str(tmp_path / "unused")})
+    assert kept["dir"] == str(theirs) and not (tmp_path / "unused").exists()
+    assert any(p.name.endswith("-cache") for p in theirs.iterdir())
+
+
+def test_compilation_cache_switch_off_touches_nothing(monkeypatch):
+    from jaxalign import host
+
+    for value in ("0", "off", "false"):
+        monkeypatch.setenv("JAXALIGN_COMPILE_CACHE", value)
+        assert host.enable_compilation_cache() is None
+    assert not jax.config.jax_compilation_cache_dir
+    fp = host._host_fingerprint()
+    assert len(fp) == 12 and fp == host._host_fingerprint()

@@ -289,6 +289,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--override", default="{}", help="JSON dict merged into the workload spec (scaling runs)")
     args = ap.parse_args(argv)
+    from jaxalign.host import enable_compilation_cache
+
+    enable_compilation_cache()  # as the entry scripts do; under bench.py the cache is set through JAX's env
     spec_name = "dpo_step" if args.workload == "dpo_parts" else args.workload.split("@")[0]
     s = {**workloads.spec(args.model, spec_name, args.quick), **json.loads(args.override)}
     base = args.workload.split("@")[0]

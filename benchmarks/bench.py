@@ -347,8 +347,10 @@ def _run_all(args, frameworks: list[str], model_dirs: dict, cache: Path | None) 
                             threads=args.threads, override=override, cache=cache)
         # Where the DPO step's time goes: its matmul-bound part (reference forward, policy
         # forward + backward) against the rest (gradient norm, NaN guard, AdamW).
-        rows += run_one("jaxalign", "smollm2", model_dirs["smollm2"], "dpo_parts", quick=args.quick,
-                        threads=args.threads, cache=cache)
+        # The same for the GRPO steps' training part, on one rollout's batch.
+        for name in ("dpo_parts", "grpo_parts_g4", "grpo_parts_g8"):
+            rows += run_one("jaxalign", "smollm2", model_dirs["smollm2"], name, quick=args.quick,
+                            threads=args.threads, cache=cache)
     if rounds > 1:  # the ceiling again at the end; the higher of the two counts (a lower MFU)
         rows = merge_ceilings(rows, matmul_ceiling(args.threads))
     return rows, rounds

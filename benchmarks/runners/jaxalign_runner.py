@@ -187,9 +187,18 @@ def dpo_parts(model_dir: str, model_name: str, s: dict) -> list[dict]:
             workloads.row("dpo_parts", model_name, FW, "matmul_flops", 4 * forward, "FLOP", note=note)]
 
 
-def grpo_step(model_dir: str, model_name: str, s: dict, workload: str) -> list[dict]:
+class GRPOSetup(NamedTuple):
+    step: Any          # the GroupStep (rollout + train step)
+    state: Any         # its TrainState
+    batch: dict        # the prompt batch
+    cfg: Any           # the ModelConfig
+    train_step: Any    # the TrainStep inside `step`, for `grpo_parts`
+    loss_fn: Any       # the group loss, for `grpo_parts`
+    model_def: Any     # params -> model, for `grpo_parts`
 
-    import jax
+
+def build_grpo(model_dir: str, s: dict) -> GRPOSetup:
+    """The `grpo_step_g*` workloads set up as `experiments/rl.py` would."""
     import numpy as np
     from flax import nnx
     from transformers import AutoTokenizer
@@ -219,13 +228,28 @@ def grpo_step(model_dir: str, model_name: str, s: dict, workload: str) -> list[d
     optimizer = training.make_optimizer(training.OptimConfig(lr=workloads.LR, schedule="constant",
                                                              warmup_steps=0, grad_clip_norm=0.0))
     state, model_def = training.init_train_state(model, optimizer)
-    train_step = training.make_train_step(group.make_group_loss_fn(cfg), optimizer, model_def=model_def,
+    loss_fn = group.make_group_loss_fn(cfg)
+    train_step = training.make_train_step(loss_fn, optimizer, model_def=model_def,
                                           shardings=training.state_shardings(state))
     step = group.GroupStep(cfg, train_step=train_step, sampler=Sampler(model), reward_fn=reward_fn,
                            tokenizer=tokenizer, prompts=iter(()), reference_params=ref_params,
                            reference_model=reference)
     step.eos_ids = ()  # the workload generates exactly new_tokens tokens
     del reference, ref_params  # as experiments/rl.py, whose build_step lets them go out of scope
+    return GRPOSetup(step, state, batch, mcfg, train_step, loss_fn, model_def)
+
+
+def _grpo_train_flops(mcfg, s: dict) -> float:
+    """The policy's forward and backward on the rollout (3x a forward; the LM head on the completion)."""
+    rows_n, total = s["prompts"] * s["G"], s["prompt_len"] + s["new_tokens"]
+    return 3 * forward_flops(mcfg, rows_n * total, total, head_tokens=rows_n * s["new_tokens"])
+
+
+def grpo_step(model_dir: str, model_name: str, s: dict, workload: str) -> list[dict]:
+    import jax
+
+    step, state, batch, mcfg, _, _, _ = build_grpo(model_dir, s)
+    n = s["new_tokens"]
     times, gen = [], []
     for i in range(s["warmup"] + s["steps"]):
         t = time.perf_counter()
@@ -235,22 +259,69 @@ def grpo_step(model_dir: str, model_name: str, s: dict, workload: str) -> list[d
         gen.append(metrics["rollout_time_s"])
         if metrics["response_length_mean"] != n:
             raise RuntimeError(f"generated {metrics['response_length_mean']} tokens per row, not {n}")
-    rows_n, total = s["prompts"] * g, s["prompt_len"] + n
+    rows_n, total = s["prompts"] * s["G"], s["prompt_len"] + n
     # generation: prefill of the prompt, then n single-token steps over a growing context
     gen_flops = forward_flops(mcfg, rows_n * s["prompt_len"], s["prompt_len"]) + sum(
         forward_flops(mcfg, rows_n, s["prompt_len"] + t + 1) for t in range(n))
     # The LM head scores the n completion tokens only. The reference forward runs inside the
     # rollout (its time is in generation_time), so train_flops, the part timed by step time less
     # generation time, is the policy's forward and backward alone (3x a forward).
-    forward = forward_flops(mcfg, rows_n * total, total, head_tokens=rows_n * n)
-    train_flops = 3 * forward
+    train_flops = _grpo_train_flops(mcfg, s)
     w = s["warmup"]
     return [workloads.row(workload, model_name, FW, "step_time", _median(times[w:]), "s",
                           note=f"generation {_median(gen[w:]):.3f} s of it (rollout incl. reference log-probs)"),
             workloads.row(workload, model_name, FW, "generation_time", _median(gen[w:]), "s"),
             workloads.row(workload, model_name, FW, "compile_or_first_step", times[0], "s"),
-            workloads.row(workload, model_name, FW, "model_flops", gen_flops + forward + train_flops, "FLOP"),
+            workloads.row(workload, model_name, FW, "model_flops", gen_flops + train_flops / 3 + train_flops,
+                          "FLOP"),
             workloads.row(workload, model_name, FW, "train_flops", train_flops, "FLOP")]
+
+
+def grpo_parts(model_dir: str, model_name: str, s: dict, workload: str) -> list[dict]:
+    """The training part of a `grpo_step_g*` workload taken apart, on one rollout's batch.
+
+    After `warmup` full steps (rollout + train step), the last rollout's training batch is
+    kept, and the policy's loss and gradient compiled alone (same compiler options, no
+    optimizer, gradient norm or NaN guard) and the train step run on it in turn, `steps`
+    times; medians. As `dpo_parts` does for the DPO step.
+    """
+    import jax
+
+    from jaxalign.host import train_step_compiler_options
+
+    step, state, batch, mcfg, train_step, loss_fn, model_def = build_grpo(model_dir, s)
+    for _ in range(max(1, s["warmup"])):
+        state, _ = step(state, batch)
+    train_batch = step.last_batch
+    arrays = train_step.place_batch(train_batch)
+
+    def loss(params, arrays):
+        (num, den), _ = loss_fn(model_def.merge(params), arrays, None)
+        return num / den
+
+    options = train_step_compiler_options(jax.devices()[0].platform)
+    fwd_bwd = jax.jit(jax.value_and_grad(loss)).lower(state.params, arrays).compile(options)
+    times: dict[str, list[float]] = {"fwd_bwd": [], "step": []}
+    for i in range(s["warmup"] + s["steps"]):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fwd_bwd(state.params, arrays))
+        t1 = time.perf_counter()
+        state, _ = train_step(state, train_batch)
+        jax.block_until_ready(state.params)
+        t2 = time.perf_counter()
+        if i >= s["warmup"]:
+            times["fwd_bwd"].append(t1 - t0)
+            times["step"].append(t2 - t1)
+    fb_t, step_t = _median(times["fwd_bwd"]), _median(times["step"])
+    note = "policy forward/backward on one rollout batch, no optimizer"
+    return [workloads.row(workload, model_name, FW, "fwd_bwd_time", fb_t, "s"),
+            workloads.row(workload, model_name, FW, "train_step_time", step_t, "s",
+                          note="the train step alone (forward, backward, gradient norm, AdamW)"),
+            workloads.row(workload, model_name, FW, "optimizer_time", step_t - fb_t, "s",
+                          note="train step less forward/backward: gradient norm, NaN guard, AdamW"),
+            workloads.row(workload, model_name, FW, "matmul_time", fb_t, "s", note=note),
+            workloads.row(workload, model_name, FW, "matmul_flops", _grpo_train_flops(mcfg, s), "FLOP",
+                          note=note)]
 
 
 def sample(model_dir: str, model_name: str, s: dict) -> list[dict]:
@@ -292,7 +363,8 @@ def main(argv=None) -> None:
     from jaxalign.host import enable_compilation_cache
 
     enable_compilation_cache()  # as the entry scripts do; under bench.py the cache is set through JAX's env
-    spec_name = "dpo_step" if args.workload == "dpo_parts" else args.workload.split("@")[0]
+    spec_name = {"dpo_parts": "dpo_step", "grpo_parts_g4": "grpo_step_g4",
+                 "grpo_parts_g8": "grpo_step_g8"}.get(args.workload, args.workload.split("@")[0])
     s = {**workloads.spec(args.model, spec_name, args.quick), **json.loads(args.override)}
     base = args.workload.split("@")[0]
     if base == "dpo_step":
@@ -301,6 +373,8 @@ def main(argv=None) -> None:
         rows = dpo_parts(args.model_dir, args.model, s)
     elif base.startswith("grpo_step"):
         rows = grpo_step(args.model_dir, args.model, s, base)
+    elif base.startswith("grpo_parts"):
+        rows = grpo_parts(args.model_dir, args.model, s, base)
     elif base == "sample":
         rows = sample(args.model_dir, args.model, s)
     else:

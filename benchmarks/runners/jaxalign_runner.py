@@ -137,6 +137,42 @@ def dpo_step(model_dir: str, model_name: str, s: dict) -> list[dict]:
             workloads.row("dpo_step", model_name, FW, "model_flops", flops, "FLOP")]
 
 
+def _loss_and_grad(loss_fn, model_def, params, arrays, static: dict | None = None):
+    """The train step's loss and gradient compiled alone (same compiler options; no optimizer,
+    gradient norm or NaN guard): `(params, arrays) -> (loss, grads)`. `static`: compile-time
+    ints of the batch (the DPO batch's `score_width`)."""
+    import jax
+
+    from jaxalign.host import train_step_compiler_options
+
+    def loss(params, arrays):
+        (num, den), _ = loss_fn(model_def.merge(params), {**arrays, **(static or {})}, None)
+        return num / den
+
+    options = train_step_compiler_options(jax.devices()[0].platform)
+    return jax.jit(jax.value_and_grad(loss)).lower(params, arrays).compile(options)
+
+
+def _in_turn(parts: dict, step, state, batch, s: dict) -> tuple[dict[str, list[float]], Any]:
+    """Runs each of `parts` (state -> arrays) and then the train step, in turn, `warmup` + `steps`
+    times; the wall times of the last `steps` rounds per part (the step's under "step")."""
+    import jax
+
+    times: dict[str, list[float]] = {name: [] for name in (*parts, "step")}
+    for i in range(s["warmup"] + s["steps"]):
+        for name, fn in parts.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn(state))
+            if i >= s["warmup"]:
+                times[name].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        state, _ = step(state, batch)
+        jax.block_until_ready(state.params)
+        if i >= s["warmup"]:
+            times["step"].append(time.perf_counter() - t)
+    return times, state
+
+
 def dpo_parts(model_dir: str, model_name: str, s: dict) -> list[dict]:
     """The `dpo_step` workload taken apart: reference forward, policy forward + backward alone, train step.
 
@@ -144,38 +180,19 @@ def dpo_parts(model_dir: str, model_name: str, s: dict) -> list[dict]:
     options), without the optimizer update, the gradient norm and the NaN guard: the step's
     matmul-bound work. The three run in turn, `steps` times after `warmup`; medians.
     """
-    import jax
-
     from jaxalign.algorithms import dpo
-    from jaxalign.host import train_step_compiler_options
 
     step, state, batch, ref_fn, cfg, loss_fn, model_def = build_dpo(model_dir, s)
     full = dpo.attach_reference(batch, ref_fn=ref_fn)
     width = full["score_width"]  # a compile-time int, as in the train step
     arrays = step.place_batch({k: v for k, v in full.items() if k != "score_width"})
-
-    def loss(params, arrays):
-        (num, den), _ = loss_fn(model_def.merge(params), {**arrays, "score_width": width}, None)
-        return num / den
-
-    options = train_step_compiler_options(jax.devices()[0].platform)
-    fwd_bwd = jax.jit(jax.value_and_grad(loss)).lower(state.params, arrays).compile(options)
-    times: dict[str, list[float]] = {"reference": [], "fwd_bwd": [], "step": []}
-    for i in range(s["warmup"] + s["steps"]):
-        t0 = time.perf_counter()
-        jax.block_until_ready(dpo.attach_reference(batch, ref_fn=ref_fn))
-        t1 = time.perf_counter()
-        jax.block_until_ready(fwd_bwd(state.params, arrays))
-        t2 = time.perf_counter()
-        state, _ = step(state, full)
-        jax.block_until_ready(state.params)
-        t3 = time.perf_counter()
-        if i >= s["warmup"]:
-            for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
-                times[k].append(v)
+    fwd_bwd = _loss_and_grad(loss_fn, model_def, state.params, arrays, {"score_width": width})
+    times, state = _in_turn({"reference": lambda st: dpo.attach_reference(batch, ref_fn=ref_fn),
+                             "fwd_bwd": lambda st: fwd_bwd(st.params, arrays)},
+                            step, state, full, s)
     length = s["prompt_len"] + s["completion_len"]
     forward = forward_flops(cfg, 2 * s["pairs"] * length, length, head_tokens=2 * s["pairs"] * width)
-    ref_t, fb_t, step_t = (_median(times[k]) for k in times)
+    ref_t, fb_t, step_t = (_median(times[k]) for k in ("reference", "fwd_bwd", "step"))
     note = "reference forward + policy forward/backward, no optimizer"
     return [workloads.row("dpo_parts", model_name, FW, "reference_time", ref_t, "s"),
             workloads.row("dpo_parts", model_name, FW, "fwd_bwd_time", fb_t, "s"),
@@ -259,13 +276,13 @@ def grpo_step(model_dir: str, model_name: str, s: dict, workload: str) -> list[d
         gen.append(metrics["rollout_time_s"])
         if metrics["response_length_mean"] != n:
             raise RuntimeError(f"generated {metrics['response_length_mean']} tokens per row, not {n}")
-    rows_n, total = s["prompts"] * s["G"], s["prompt_len"] + n
+    rows_n = s["prompts"] * s["G"]
     # generation: prefill of the prompt, then n single-token steps over a growing context
     gen_flops = forward_flops(mcfg, rows_n * s["prompt_len"], s["prompt_len"]) + sum(
         forward_flops(mcfg, rows_n, s["prompt_len"] + t + 1) for t in range(n))
-    # The LM head scores the n completion tokens only. The reference forward runs inside the
-    # rollout (its time is in generation_time), so train_flops, the part timed by step time less
-    # generation time, is the policy's forward and backward alone (3x a forward).
+    # The LM head scores the n completion tokens only. The reference forward (a third of
+    # train_flops) runs inside the rollout (its time is in generation_time), so train_flops, the
+    # part timed by step time less generation time, is the policy's forward and backward alone.
     train_flops = _grpo_train_flops(mcfg, s)
     w = s["warmup"]
     return [workloads.row(workload, model_name, FW, "step_time", _median(times[w:]), "s",
@@ -285,33 +302,13 @@ def grpo_parts(model_dir: str, model_name: str, s: dict, workload: str) -> list[
     optimizer, gradient norm or NaN guard) and the train step run on it in turn, `steps`
     times; medians. As `dpo_parts` does for the DPO step.
     """
-    import jax
-
-    from jaxalign.host import train_step_compiler_options
-
     step, state, batch, mcfg, train_step, loss_fn, model_def = build_grpo(model_dir, s)
     for _ in range(max(1, s["warmup"])):
         state, _ = step(state, batch)
     train_batch = step.last_batch
     arrays = train_step.place_batch(train_batch)
-
-    def loss(params, arrays):
-        (num, den), _ = loss_fn(model_def.merge(params), arrays, None)
-        return num / den
-
-    options = train_step_compiler_options(jax.devices()[0].platform)
-    fwd_bwd = jax.jit(jax.value_and_grad(loss)).lower(state.params, arrays).compile(options)
-    times: dict[str, list[float]] = {"fwd_bwd": [], "step": []}
-    for i in range(s["warmup"] + s["steps"]):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fwd_bwd(state.params, arrays))
-        t1 = time.perf_counter()
-        state, _ = train_step(state, train_batch)
-        jax.block_until_ready(state.params)
-        t2 = time.perf_counter()
-        if i >= s["warmup"]:
-            times["fwd_bwd"].append(t1 - t0)
-            times["step"].append(t2 - t1)
+    fwd_bwd = _loss_and_grad(loss_fn, model_def, state.params, arrays)
+    times, state = _in_turn({"fwd_bwd": lambda st: fwd_bwd(st.params, arrays)}, train_step, state, train_batch, s)
     fb_t, step_t = _median(times["fwd_bwd"]), _median(times["step"])
     note = "policy forward/backward on one rollout batch, no optimizer"
     return [workloads.row(workload, model_name, FW, "fwd_bwd_time", fb_t, "s"),

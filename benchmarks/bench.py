@@ -194,8 +194,8 @@ def add_mfu(rows: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict], frameworks: list[str]) -> str:
-    metrics = ("step_time", "tokens_per_s", "peak_rss", "peak_rss_first_run", "mfu", "train_mfu", "reference_time", "fwd_bwd_time",
-               "train_step_time", "optimizer_time", "matmul_mfu")
+    metrics = ("step_time", "tokens_per_s", "peak_rss", "peak_rss_first_run", "mfu", "train_mfu",
+               "reference_time", "fwd_bwd_time", "train_step_time", "optimizer_time", "matmul_mfu")
     peers = [f for f in frameworks if f != "jaxalign"]
     head = ["workload", "metric", "jaxalign"] + peers + [f"jaxalign vs {p}" for p in peers]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -265,6 +265,9 @@ def best_round(runs: list[list[dict]]) -> list[dict]:
     return best
 
 
+RERUN_METRICS = ("peak_rss", "compile_or_first_step")  # what a warm compilation cache changes
+
+
 def first_and_rerun(runs: list[list[dict]], rows: list[dict]) -> list[dict]:
     """`rows` (the fastest round's) with peak RSS and first-step time taken from the last round
     (a rerun: the JAX frameworks' compilation caches warm), plus `*_first_run` rows from the first.
@@ -275,10 +278,10 @@ def first_and_rerun(runs: list[list[dict]], rows: list[dict]) -> list[dict]:
     last = {r["metric"]: r for r in runs[-1]}
     out = []
     for r in rows:
-        if r["metric"] in ("peak_rss", "compile_or_first_step") and r["metric"] in last:
+        if r["metric"] in RERUN_METRICS and r["metric"] in last:
             r = {**last[r["metric"]], "note": f"round {len(runs)} of {len(runs)}: a rerun"}
         out.append(r)
-        if r["metric"] in ("peak_rss", "compile_or_first_step") and r["metric"] in first:
+        if r["metric"] in RERUN_METRICS and r["metric"] in first:
             out.append({**first[r["metric"]], "metric": r["metric"] + "_first_run",
                         "note": "round 1: JAX frameworks compile (empty compilation cache)"})
     return out
@@ -320,7 +323,8 @@ def main(argv=None) -> None:
     rows = add_mfu(rows)
     text = table(rows, frameworks)
     meta = {"cpu": _cpu_name(), "cores": len(os.sched_getaffinity(0)), "threads": args.threads,
-            "quick": args.quick, "rounds": rounds, "compile_cache": cache is not None, "minutes": round((time.time() - start) / 60, 1)}
+            "quick": args.quick, "rounds": rounds, "compile_cache": cache is not None,
+            "minutes": round((time.time() - start) / 60, 1)}
     print("\n" + text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,14 @@ def train_step_compiler_options(platform: str) -> dict[str, str] | None:
 CACHE_ENV = "JAXALIGN_COMPILE_CACHE"
 
 
+def cache_root() -> str:
+    """jaxalign's on-disk cache root: `$JAXALIGN_CACHE`, default `~/.cache/jaxalign`.
+
+    Converted GGUF checkpoints live under `gguf/`, compiled programs under `xla/`.
+    """
+    return os.environ.get("JAXALIGN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxalign"))
+
+
 def _host_fingerprint() -> str:
     """A short hash of what a compiled CPU program depends on: CPU model and ISA flags, jaxlib.
 
@@ -62,16 +70,17 @@ def _host_fingerprint() -> str:
 
     import jaxlib
 
-    parts = [platform.machine(), getattr(jaxlib, "__version__", "?")]
+    fields: dict[str, str] = {}  # the first core's; x86 names its ISA "flags", ARM "Features"
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(("model name", "flags", "Features")):
-                    parts.append(line.split(":", 1)[1].strip())
-                if len(parts) >= 4:
-                    break
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "flags", "Features"):
+                    fields.setdefault(key, value.strip())
     except OSError:
-        parts.append(platform.processor())
+        fields["processor"] = platform.processor()
+    parts = [platform.machine(), getattr(jaxlib, "__version__", "?"), *(fields[k] for k in sorted(fields))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
@@ -115,8 +124,7 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None, *,
         if switch:
             directory = switch
         else:
-            root = os.environ.get("JAXALIGN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxalign"))
-            directory = os.path.join(root, "xla", _host_fingerprint())
+            directory = os.path.join(cache_root(), "xla", _host_fingerprint())
     directory = os.fspath(directory)
     os.makedirs(directory, mode=0o700, exist_ok=True)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -334,8 +334,9 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path
 
 
 def _default_cache(gguf_path: Path) -> Path:
-    root = Path(os.environ.get("JAXALIGN_CACHE", Path.home() / ".cache" / "jaxalign"))
-    return root / "gguf" / gguf_path.stem
+    from jaxalign.host import cache_root
+
+    return Path(cache_root()) / "gguf" / gguf_path.stem
 
 
 def converted_dir(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:

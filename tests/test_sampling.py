@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from jaxalign import sharding as shd
-from jaxalign.models import load_hf
+from jaxalign.models import abstract_hf, load_hf
 from jaxalign.sampling import Sampler, bucket_length, compile_stats, generate, sampling_logprobs, token_logprobs
 from tests._hf_models import build_hf_lm
 
@@ -182,6 +182,34 @@ def test_pure_dict_params_like_a_train_state(llama, prompts):
     np.testing.assert_array_equal(np.asarray(a.completions), np.asarray(b.completions))
     with pytest.raises(ValueError, match="do not match"):
         sampler({"embed": jnp.zeros((3, 3))}, *prompts, **options)
+
+
+def test_precompile_on_the_abstract_model_serves_the_loaded_params(llama, prompts):
+    """`abstract_hf` + `Sampler.precompile` compile before any weight is read; the loaded params then run
+    that program (no compile in the call) and sample what `generate` on the loaded model samples."""
+    model, cfg, path = llama
+    abstract, abstract_cfg = abstract_hf(path)
+    assert abstract_cfg == cfg
+    shapes = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+    loaded = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert shapes and all(isinstance(x, jax.ShapeDtypeStruct) for x in shapes)
+    assert [(x.shape, x.dtype) for x in shapes] == [(x.shape, x.dtype) for x in loaded]
+
+    options = dict(max_new_tokens=MAX_NEW, n=2, eos_ids=(EOS,), top_p=0.9, return_raw_logprobs=True)
+    sampler = Sampler(abstract)
+    before = compile_stats().count
+    sampler.precompile(*prompts[0].shape, **options)
+    assert compile_stats().count == before + 1
+    out = sampler(nnx.state(model, nnx.Param), *prompts, rng=jax.random.key(4), temperature=0.8, **options)
+    assert compile_stats().count == before + 1  # the precompiled program
+    ref = generate(model, *prompts, rng=jax.random.key(4), temperature=0.8, **options)
+    for name in ("completions", "logprobs", "raw_logprobs", "mask"):
+        np.testing.assert_array_equal(np.asarray(getattr(out, name)), np.asarray(getattr(ref, name)))
+    # A budget in another bucket is another program: compiled at the call.
+    sampler(nnx.state(model, nnx.Param), *prompts, rng=jax.random.key(4), **{**options, "max_new_tokens": 40})
+    assert compile_stats().count == before + 2
+    with pytest.raises(ValueError, match="shapes only"):
+        sampler(nnx.state(abstract, nnx.Param), *prompts, rng=jax.random.key(4), **options)
 
 
 def test_rejects_right_padding(llama, prompts):

@@ -1,6 +1,7 @@
 """Flax NNX decoder-only transformers for Hugging Face families, with import/export.
 
     model, cfg = load_hf("path/to/hf_dir")        # Llama, Mistral, Qwen2/3, Gemma 1/2/3, GPT-2
+    shapes, cfg = abstract_hf("path/to/hf_dir")   # the same model, shapes only (compile before loading)
     logits = model(tokens)                         # [B, T, V]
     save_hf(model, "out_dir")                      # transformers loads it back
 """
@@ -13,7 +14,14 @@ from jaxalign.models.config import (
     UnsupportedConfigError,
     config_from_hf,
 )
-from jaxalign.models.convert import CheckpointError, check_tokenizer, hf_config_dict, load_hf, save_hf
+from jaxalign.models.convert import (
+    CheckpointError,
+    abstract_hf,
+    check_tokenizer,
+    hf_config_dict,
+    load_hf,
+    save_hf,
+)
 from jaxalign.models.gguf import gguf_to_hf, load_gguf
 from jaxalign.models.heads import ValueModel, last_token_scores, with_value_head
 from jaxalign.models.transformer import KVCache, Transformer
@@ -21,7 +29,7 @@ from jaxalign.models.tiny import tiny_config
 
 __all__ = [
     "SUPPORTED_FAMILIES", "CheckpointError", "KVCache", "ModelConfig", "RopeConfig", "Transformer",
-    "UnsupportedConfigError", "ValueModel", "check_tokenizer", "clone_model", "config_from_hf", "copy_tree",
-    "gguf_to_hf", "hf_config_dict", "last_token_scores", "load_gguf", "load_hf", "save_hf", "tiny_config",
+    "UnsupportedConfigError", "ValueModel", "abstract_hf", "check_tokenizer", "clone_model", "config_from_hf",
+    "copy_tree", "gguf_to_hf", "hf_config_dict", "last_token_scores", "load_gguf", "load_hf", "save_hf", "tiny_config",
     "with_value_head",
 ]

@@ -271,6 +271,43 @@ def _expected_hf_shapes(bound, params, cfg) -> dict[str, tuple[int, ...]]:
     return {hf: s[0][:-1] + (sum(p[-1] for p in s),) for hf, s in parts.items()}
 
 
+def _abstract_from_dir(path: Path, dtype, compute_dtype, tokenizer=None):
+    """(hf_cfg, cfg, value_model, abstract model) for a checkpoint directory; no tensor is read."""
+    from transformers import AutoConfig
+
+    hf_cfg = AutoConfig.from_pretrained(str(path))
+    cfg = config_from_hf(hf_cfg)
+    archs = hf_cfg.to_dict().get("architectures") or []
+    value_model = any(a.endswith("ForSequenceClassification") for a in archs)
+    if value_model and getattr(hf_cfg, "num_labels", 1) != 1:
+        raise CheckpointError(f"{path}: sequence classifier with {hf_cfg.num_labels} labels; a reward model has 1")
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, cfg)
+    compute_dtype = compute_dtype or dtype
+
+    def build():
+        lm = Transformer(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=compute_dtype, lm_head=not value_model)
+        return ValueModel(lm, init="zeros") if value_model else lm
+
+    return hf_cfg, cfg, value_model, nnx.eval_shape(build)
+
+
+def abstract_hf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None):
+    """The model `load_hf(path)` returns, with shapes and dtypes only: no tensor is read.
+
+    Its parameters are `jax.ShapeDtypeStruct`s. It has the same graph
+    definition and parameter layout as the loaded model, so programs built
+    for it run on the loaded parameters: `Sampler(abstract_hf(path)[0])`
+    followed by `sampler.precompile(...)` compiles (or loads from the
+    compilation cache) before the weights take memory, and the compiler's
+    peak does not stack on them (docs/sampling.md).
+
+    Returns `(abstract_model, cfg)`.
+    """
+    _, cfg, _, abstract = _abstract_from_dir(Path(path), dtype, compute_dtype)
+    return abstract, cfg
+
+
 def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None, mesh=None, tokenizer=None):
     """Load a Hugging Face checkpoint directory as a jaxalign model.
 
@@ -287,24 +324,8 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None, m
       `(model, cfg)`: a :class:`Transformer`, or a :class:`ValueModel` for a
       `*ForSequenceClassification` checkpoint with one label.
     """
-    from transformers import AutoConfig
-
     path = Path(path)
-    hf_cfg = AutoConfig.from_pretrained(str(path))
-    cfg = config_from_hf(hf_cfg)
-    archs = hf_cfg.to_dict().get("architectures") or []
-    value_model = any(a.endswith("ForSequenceClassification") for a in archs)
-    if value_model and getattr(hf_cfg, "num_labels", 1) != 1:
-        raise CheckpointError(f"{path}: sequence classifier with {hf_cfg.num_labels} labels; a reward model has 1")
-    if tokenizer is not None:
-        check_tokenizer(tokenizer, cfg)
-    compute_dtype = compute_dtype or dtype
-
-    def build():
-        lm = Transformer(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=compute_dtype, lm_head=not value_model)
-        return ValueModel(lm, init="zeros") if value_model else lm
-
-    abstract = nnx.eval_shape(build)
+    _, cfg, value_model, abstract = _abstract_from_dir(path, dtype, compute_dtype, tokenizer)
     bound, params = _bindings(abstract, cfg, value_model)
     reader = _TensorReader(path)
     expected = _expected_hf_shapes(bound, params, cfg)

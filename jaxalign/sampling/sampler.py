@@ -117,7 +117,11 @@ class Sampler:
     def __init__(self, model: nnx.Module):
         self.graphdef, state, self.rest = nnx.split(model, nnx.Param, ...)
         self.param_treedef = jax.tree.structure(state)
-        self._param_shapes = [tuple(x.shape) for x in jax.tree.leaves(state)]
+        self._param_leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+                              for x in jax.tree.leaves(state)]  # kept as shapes only: `precompile`'s default
+        self._param_shapes = [tuple(x.shape) for x in self._param_leaves]
+        # An abstract model's non-Param state (none in jaxalign's models) has no values to run with.
+        self._abstract_rest = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.rest))
         self.cfg = model.cfg
 
     def __call__(self, params: Any, prompts: Array, prompt_mask: Array, *, max_new_tokens: int, rng: Array,
@@ -139,6 +143,61 @@ class Sampler:
         pad_id: filler after EOS (and for the bucketing's extra left padding).
         return_raw_logprobs: also return the unprocessed model log-probs.
         """
+        if self._abstract_rest:
+            raise ValueError("this sampler was built from an abstract model whose non-parameter state has no "
+                             "values; build it from the loaded model to run it")
+        static, args = self._prepare(params, prompts, prompt_mask, max_new_tokens=max_new_tokens, rng=rng,
+                                     temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=eos_ids, n=n,
+                                     greedy=greedy, pad_id=pad_id, return_raw_logprobs=return_raw_logprobs)
+        prompts, prompt_mask = args[-2:]
+        args = args[:-2]
+        out = self._executable(static, args)(*args)
+        # The program fills a bucket-wide buffer; columns past max_new_tokens stay empty.
+        for name in ("completions", "logprobs", "mask", "raw_logprobs"):
+            if out[name] is not None:
+                out[name] = out[name][:, :max_new_tokens]
+        return SampleResult(**out, prompts=jnp.repeat(prompts, n, axis=0),
+                            prompt_mask=jnp.repeat(prompt_mask, n, axis=0))
+
+    def precompile(self, batch: int, prompt_len: int, *, max_new_tokens: int, params: Any = None, n: int = 1,
+                   greedy: bool = False, top_k: int | None = None, top_p: float | None = None,
+                   eos_ids: tuple[int, ...] = (), return_raw_logprobs: bool = False,
+                   rng: Array | None = None) -> None:
+        """Compile now the program a call with these shapes and options will run.
+
+        batch, prompt_len: the prompts' shape [B, P] (P is bucketed as in a call).
+        params: the params the calls will pass, or their `jax.ShapeDtypeStruct`s
+          (shape, dtype, sharding); default: the model's own, where a leaf
+          without a sharding (an abstract model's) means the default device.
+        The other options are those of `__call__`; only what changes the
+        program matters (`max_new_tokens`'s bucket, `n`, `greedy`, whether
+        `top_k` / `top_p` are set, the number of `eos_ids`,
+        `return_raw_logprobs`), not the values. rng: a key of the kind the
+        calls pass (default a typed `jax.random.key`; a legacy `PRNGKey` is
+        another program); its value does not matter.
+
+        No weights are needed: built on `jaxalign.models.abstract_hf`'s model,
+        the sampler compiles (or loads from the compilation cache) before
+        `load_hf` reads the weights, so the compiler's host memory peak comes
+        and goes before the weights take theirs (docs/sampling.md).
+        """
+        if params is None:
+            params = jax.tree.unflatten(self.param_treedef, self._param_leaves)
+        default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                             sharding=getattr(x, "sharding", None) or default), params)
+        prompts = np.zeros((batch, prompt_len), np.int32)
+        static, args = self._prepare(params, prompts, np.ones_like(prompts), max_new_tokens=max_new_tokens,
+                                     rng=jax.random.key(0) if rng is None else rng, temperature=1.0,
+                                     top_k=top_k, top_p=top_p, eos_ids=eos_ids, n=n, greedy=greedy, pad_id=0,
+                                     return_raw_logprobs=return_raw_logprobs, compiling=True)
+        self._executable(static, args[:-2])
+
+    def _prepare(self, params: Any, prompts: Array, prompt_mask: Array, *, max_new_tokens: int, rng: Array,
+                 temperature: float, top_k: int | None, top_p: float | None, eos_ids: tuple[int, ...], n: int,
+                 greedy: bool, pad_id: int, return_raw_logprobs: bool,
+                 compiling: bool = False) -> tuple[_Static, tuple]:
+        """Checks a call's arguments -> (static options, the program's arguments + (prompts, mask) as given)."""
         if max_new_tokens < 1 or n < 1:
             raise ValueError(f"max_new_tokens and n must be >= 1, got {max_new_tokens}, {n}")
         if not temperature > 0:
@@ -150,6 +209,9 @@ class Sampler:
         leaves = jax.tree.leaves(params)
         if [tuple(x.shape) for x in leaves] != self._param_shapes:
             raise ValueError("params do not match the sampler's model (shapes or leaf order differ)")
+        if not compiling and any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+            raise ValueError("params are shapes only (an abstract model's); pass the loaded params "
+                             "(`Sampler.precompile` is the call that needs no values)")
         # One layout for the compiled program, whatever layout the caller holds (no copies).
         params = jax.tree.unflatten(self.param_treedef, leaves)
         prompts, prompt_mask = _int32_on_device(prompts), _int32_on_device(prompt_mask)
@@ -165,13 +227,7 @@ class Sampler:
         args = (params, self.rest, padded, padded_mask, rng, np.float32(temperature),
                 np.int32(top_k or 0), np.float32(1.0 if top_p is None else top_p), np.int32(max_new_tokens),
                 np.asarray(eos_ids, np.int32).reshape(-1), np.int32(pad_id))
-        out = self._executable(static, args)(*args)
-        # The program fills a bucket-wide buffer; columns past max_new_tokens stay empty.
-        for name in ("completions", "logprobs", "mask", "raw_logprobs"):
-            if out[name] is not None:
-                out[name] = out[name][:, :max_new_tokens]
-        return SampleResult(**out, prompts=jnp.repeat(prompts, n, axis=0),
-                            prompt_mask=jnp.repeat(prompt_mask, n, axis=0))
+        return static, (*args, prompts, prompt_mask)
 
     def _check_positions(self, last_position: int) -> None:
         # A learned position table has no row beyond its size (a gather there

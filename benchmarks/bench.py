@@ -25,13 +25,15 @@ nothing, so its rounds differ only by noise. `--no-compile-cache` runs every
 round cold.
 
 Prints one table with the ratios and writes results/bench.json (rows
-`{"workload", "framework", "metric", "value", "unit"}`) and results/bench.md.
+`{"workload", "framework", "metric", "value", "unit"}`), results/bench.md and
+results/bench.png (benchmarks/plot.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -54,7 +56,7 @@ SCALING = {
     "dpo_step@B1": dict(pairs=1),
     "dpo_step@B4": dict(pairs=4),
 }
-HIGHER_IS_BETTER = {"tokens_per_s", "mfu"}
+HIGHER_IS_BETTER = {"tokens_per_s", "mfu", "train_mfu", "matmul_mfu"}
 JAX_FRAMEWORKS = ("jaxalign", "tunix")
 
 
@@ -193,6 +195,18 @@ def add_mfu(rows: list[dict]) -> list[dict]:
     return out
 
 
+def ratio(rows: list[dict], workload: str, metric: str, peer: str) -> float | None:
+    """jaxalign against `peer` on one row, > 1 when jaxalign is ahead; None when either is missing.
+
+    Times and memory: peer / jaxalign. Throughputs (tokens/s): jaxalign / peer.
+    """
+    index = {(r["workload"], r["framework"], r["metric"]): r["value"] for r in rows}
+    mine, theirs = index.get((workload, "jaxalign", metric)), index.get((workload, peer, metric))
+    if not mine or theirs is None or not all(math.isfinite(v) for v in (mine, theirs)):
+        return None
+    return mine / theirs if metric in HIGHER_IS_BETTER else theirs / mine
+
+
 def table(rows: list[dict], frameworks: list[str]) -> str:
     metrics = ("step_time", "tokens_per_s", "peak_rss", "peak_rss_first_run", "mfu", "train_mfu",
                "reference_time", "fwd_bwd_time", "train_step_time", "optimizer_time", "matmul_mfu")
@@ -211,14 +225,9 @@ def table(rows: list[dict], frameworks: list[str]) -> str:
             continue
         unit = next(v["unit"] for v in vals if v)
         cells = [w, f"{m} ({unit})"] + [f"{v['value']:.4g}" if v else "–" for v in vals]
-        mine = index.get((w, "jaxalign", m))
         for p in peers:
-            theirs = index.get((w, p, m))
-            if mine and theirs and mine["value"] and theirs["value"] == theirs["value"]:
-                ratio = (mine["value"] / theirs["value"]) if m in HIGHER_IS_BETTER else (theirs["value"] / mine["value"])
-                cells.append(f"{ratio:.2f}×")
-            else:
-                cells.append("–")
+            r = ratio(rows, w, m, p)
+            cells.append("–" if r is None else f"{r:.2f}×")
         lines.append("| " + " | ".join(cells) + " |")
     for r in rows:
         if r["framework"] == "matmul-ceiling":
@@ -330,7 +339,11 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(rows, indent=1))
     (out / "bench.md").write_text(f"<!-- {json.dumps(meta)} -->\n" + text + "\n")
-    print(f"\n[bench] wrote {out / 'bench.json'} and {out / 'bench.md'} ({meta['minutes']} min)")
+    from benchmarks.plot import plot  # imported here: plot imports this module
+
+    plot(rows, out / "bench.png")
+    print(f"\n[bench] wrote {out / 'bench.json'}, {out / 'bench.md'} and {out / 'bench.png'} "
+          f"({meta['minutes']} min)")
 
 
 def _run_all(args, frameworks: list[str], model_dirs: dict, cache: Path | None) -> tuple[list[dict], int]:

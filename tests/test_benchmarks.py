@@ -112,3 +112,52 @@ def test_profile_wall_time_splits_overlapping_ops_evenly():
     wall, covered, span = profile_step.wall_by_kind(events)
     assert wall == {"dot": 5.0, "copy": 2.0}  # 4 + 2/2; 2/2 + 1
     assert covered == 7.0 and span == 9.0
+
+
+def test_ratio_is_none_where_a_side_is_missing_or_nan():
+    rows = [_row("d/m", "jaxalign", "step_time", 2.0), _row("d/m", "trl", "step_time", float("nan")),
+            _row("d/m", "tunix", "step_time", 3.0), _row("s/m", "jaxalign", "tokens_per_s", 30.0, "tok/s"),
+            _row("s/m", "tunix", "tokens_per_s", 20.0, "tok/s")]
+    assert bench.ratio(rows, "d/m", "step_time", "tunix") == 1.5
+    assert bench.ratio(rows, "s/m", "tokens_per_s", "tunix") == 1.5
+    assert bench.ratio(rows, "d/m", "step_time", "trl") is None  # a failed peer run
+    assert bench.ratio(rows, "s/m", "tokens_per_s", "trl") is None  # no row at all
+    assert bench.table(rows, ["jaxalign", "trl", "tunix"]).splitlines()[2].endswith("| – | 1.50× |")
+
+
+def test_dpo_scaling_points_are_tokens_per_step_along_length_and_batch():
+    from benchmarks import plot
+
+    times = {"dpo_step": 4.0, "dpo_step@L64": 2.5, "dpo_step@L256": 9.0, "dpo_step@B1": 2.0, "dpo_step@B4": 8.0}
+    rows = [_row(f"{w}/smollm2", "jaxalign", "step_time", t) for w, t in times.items()]
+    rows.append(_row("dpo_step/tiny", "jaxalign", "step_time", 0.01))  # another model: not a point
+    # SmolLM2's DPO workload: 2 pairs of 64 + 64 tokens, 2 sequences per pair -> 512 policy tokens.
+    assert plot.dpo_scaling(rows) == {"length": [(256, 2.5), (512, 4.0), (1024, 9.0)],
+                                      "batch": [(256, 2.0), (512, 4.0), (1024, 8.0)]}
+
+
+def test_bench_plot_draws_a_run_with_gaps(tmp_path):
+    from benchmarks import plot
+
+    rows = [_row("dpo_step/tiny", "jaxalign", "step_time", 0.03), _row("dpo_step/tiny", "trl", "step_time", 0.07),
+            _row("dpo_step/tiny", "tunix", "step_time", float("nan")),
+            _row("dpo_step/tiny", "jaxalign", "peak_rss", 500.0, "MiB"),
+            _row("dpo_step/tiny", "trl", "peak_rss", 450.0, "MiB"),
+            _row("dpo_step/smollm2", "jaxalign", "step_time", 4.0),
+            _row("dpo_step/smollm2", "jaxalign", "mfu", 61.0, "%"),
+            _row("dpo_step@B4/smollm2", "jaxalign", "step_time", 9.0),
+            _row("matmul/jax", "matmul-ceiling", "gflops", 190.0)]
+    path = plot.plot(rows, tmp_path / "bench.png")
+    from matplotlib.image import imread
+
+    image = imread(path)
+    assert image.shape[:2] == (1000, 1300)
+    assert image[..., :3].std() > 0.05  # something was drawn
+
+
+def test_bench_plot_draws_a_jaxalign_only_run(tmp_path):
+    """`--frameworks jaxalign --models tiny` (a smoke run): no peer, no SmolLM2 row, still a plot."""
+    from benchmarks import plot
+
+    rows = [_row("dpo_step/tiny", "jaxalign", "step_time", 0.03), _row("matmul/jax", "matmul-ceiling", "gflops", 190.0)]
+    assert plot.plot(rows, tmp_path / "bench.png").stat().st_size > 10_000

@@ -239,3 +239,27 @@ def test_sharded_params_and_batch_match_one_device(llama, prompts):
     diff = masked_max_diff(out.logprobs, ref.logprobs, ref.mask)
     print(f"sharded vs one device: max |logprob diff| = {diff:.2e}")
     assert diff <= TOL
+
+
+def test_decode_reads_the_kv_cache_in_place(llama, prompts):
+    """The cache is `[B, KV, S, Dh]`, the order the decode step's attention dots read, so the compiled
+    program copies no layer's cache. (Kept as `[B, S, KV, Dh]`, XLA transposed and copied every layer's
+    keys and values at every decode step: half the speed at batch 32, docs/sampling.md.)"""
+    import re
+
+    from jaxalign.sampling import sampler as sampler_module
+
+    model, cfg, _ = llama
+    n = 2
+    before = set(sampler_module._compiled)
+    out = Sampler(model)(nnx.state(model, nnx.Param), *prompts, max_new_tokens=MAX_NEW, n=n, rng=jax.random.key(0))
+    assert out.completions.shape == (prompts[0].shape[0] * n, MAX_NEW)
+    new = set(sampler_module._compiled) - before
+    assert len(new) == 1
+    hlo = sampler_module._compiled[new.pop()].as_text()
+    rows, width = prompts[0].shape[0] * n, prompts[0].shape[1]
+    cache_like = [m for m in re.finditer(r"= f32\[(\d+),(\d+),(\d+),(\d+)\]\{[^}]*\} (transpose|copy)\(", hlo)
+                  if int(m[1]) == rows and int(m[4]) == cfg.head_dim
+                  and int(m[2]) * int(m[3]) >= cfg.num_kv_heads * (width + MAX_NEW - 1)]
+    assert re.search(rf"f32\[{rows},{cfg.num_kv_heads},\d+,{cfg.head_dim}\]", hlo)  # the cache is in the program
+    assert not cache_like, [m[0] for m in cache_like[:3]]

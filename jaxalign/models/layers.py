@@ -124,7 +124,7 @@ class Attention(nnx.Module):
         """x: [B, T, D]; positions: [B, T]; mask: [B, T, S] bool over the keys attended.
 
         Without a cache the keys are this call's own tokens (S = T). With a
-        cache `(k, v)` of `[B, S, KV, Dh]`, this call's keys are written at
+        cache `(k, v)` of `[B, KV, S, Dh]`, this call's keys are written at
         `slot` and the whole cache is attended. Returns (out [B, T, D], new cache_kv).
         """
         cfg = self.cfg
@@ -139,23 +139,24 @@ class Attention(nnx.Module):
         if cfg.positions == "rope":
             rope = cfg.rope_for(self.layer)
             q, k = apply_rope(q, positions, rope), apply_rope(k, positions, rope)
-        if cache_kv is not None:
+        keys = "bskd"  # k, v: [B, S, KV, Dh] (S = T)
+        if cache_kv is not None:  # a cache is kept as [B, KV, S, Dh] (see KVCache)
             ck, cv = cache_kv
-            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), slot, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), slot, axis=1)
-            cache_kv = (k, v)
+            k = jax.lax.dynamic_update_slice_in_dim(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), slot, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), slot, axis=2)
+            cache_kv, keys = (k, v), "bksd"
         b, t, h, hd = q.shape
-        kvh = k.shape[2]
+        kvh = k.shape[keys.index("k")]
         scale = cfg.query_scale
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= self.layer + 1
         qg = q.reshape(b, t, kvh, h // kvh, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(dt)).astype(upcast(dt)) * scale
+        scores = jnp.einsum(f"btkgd,{keys}->bkgts", qg, k.astype(dt)).astype(upcast(dt)) * scale
         if cfg.attn_softcap:
             scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
         scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(b, t, h, hd)
+        out = jnp.einsum(f"bkgts,{keys}->btkgd", probs, v.astype(dt)).reshape(b, t, h, hd)
         out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(dt)

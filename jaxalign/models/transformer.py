@@ -26,7 +26,9 @@ Array = jax.Array
 class KVCache:
     """Preallocated keys/values for incremental decoding.
 
-    k, v: per layer `[B, S, KV, Dh]`; valid: `[B, S]` slots holding real
+    k, v: per layer `[B, KV, S, Dh]` (heads before slots: the decode step's
+    attention dots then read the cache in place; with slots first XLA copied
+    every layer's cache into this order at every step); valid: `[B, S]` slots holding real
     tokens; index: next slot to write (scalar, shared by the batch);
     next_pos: `[B]` position of each sequence's next token.
     """
@@ -94,7 +96,7 @@ class Transformer(nnx.Module):
         """An empty cache for `batch` sequences of up to `max_len` tokens."""
         cfg = self.cfg
         dtype = dtype or self.dtype
-        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
         return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
                        valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32),

@@ -336,8 +336,8 @@ def _expand_cache(cache: KVCache, n: int, max_len: int) -> KVCache:
     def rows(x):
         return jnp.repeat(x, n, axis=0) if n > 1 else x
 
-    def kv(x):  # [B, S, KV, Dh]
-        return jnp.pad(rows(x), ((0, 0), (0, grow), (0, 0), (0, 0)))
+    def kv(x):  # [B, KV, S, Dh]
+        return jnp.pad(rows(x), ((0, 0), (0, 0), (0, grow), (0, 0)))
 
     return KVCache(k=tuple(kv(x) for x in cache.k), v=tuple(kv(x) for x in cache.v),
                    valid=jnp.pad(rows(cache.valid), ((0, 0), (0, grow))), index=cache.index,

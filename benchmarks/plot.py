@@ -70,9 +70,12 @@ def plot(rows: list[dict], path: str | Path) -> Path:
     axes = fig.subplots(2, 2)
     colors = {"trl": "tab:orange", "tunix": "tab:green"}
 
+    def note(ax, why: str):
+        ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="gray")
+
     def empty(ax, title: str, why: str):
         ax.set_title(title)
-        ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="gray")
+        note(ax, why)
         ax.set_xticks([])
         ax.set_yticks([])
 
@@ -118,15 +121,15 @@ def plot(rows: list[dict], path: str | Path) -> Path:
     series = dpo_scaling(rows)
     if not any(series.values()):
         empty(ax, "DPO step, SmolLM2-135M: time against tokens", "no SmolLM2 DPO rows in this run")
-    for name, marker in (("length", "o"), ("batch", "s")):
-        pts = series[name]
-        if pts:
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker=marker, label=f"along {name}")
-    base = [p for p in series["length"] if p in series["batch"]]
-    if base:
-        xs = sorted({x for pts in series.values() for x, _ in pts})
-        ax.plot(xs, [base[0][1] * x / base[0][0] for x in xs], ls="--", color="gray", label="∝ tokens")
-    if any(series.values()):
+    else:
+        for name, marker in (("length", "o"), ("batch", "s")):
+            pts = series[name]
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker=marker, label=f"along {name}")
+        base = [p for p in series["length"] if p in series["batch"]]
+        if base:
+            xs = sorted({x for pts in series.values() for x, _ in pts})
+            ax.plot(xs, [base[0][1] * x / base[0][0] for x in xs], ls="--", color="gray", label="∝ tokens")
         ax.set_xlabel("tokens per step (policy; pairs × 2 × length)")
         ax.set_ylabel("step time (s)")
         ax.set_title("DPO step, SmolLM2-135M: time against tokens")
@@ -138,8 +141,7 @@ def plot(rows: list[dict], path: str | Path) -> Path:
            and r["workload"].endswith("/smollm2") and math.isfinite(r["value"])]
     names = [f"{r['workload'].split('/')[0]} {r['metric']}" for r in mfu]
     if not mfu:
-        ax.text(0.5, 0.5, "no SmolLM2 MFU rows in this run", ha="center", va="center", transform=ax.transAxes,
-                color="gray")
+        note(ax, "no SmolLM2 MFU rows in this run")
     ax.barh(range(len(mfu)), [r["value"] for r in mfu],
             color=["tab:blue" if r["value"] >= MFU_TARGET else "tab:gray" for r in mfu])
     ax.axvline(MFU_TARGET, color="tab:red", ls="--", label=f"target {MFU_TARGET:.0f}%")

@@ -272,7 +272,7 @@ def _expected_hf_shapes(bound, params, cfg) -> dict[str, tuple[int, ...]]:
 
 
 def _abstract_from_dir(path: Path, dtype, compute_dtype, tokenizer=None):
-    """(hf_cfg, cfg, value_model, abstract model) for a checkpoint directory; no tensor is read."""
+    """(cfg, value_model, abstract model) for a checkpoint directory; no tensor is read."""
     from transformers import AutoConfig
 
     hf_cfg = AutoConfig.from_pretrained(str(path))
@@ -289,7 +289,7 @@ def _abstract_from_dir(path: Path, dtype, compute_dtype, tokenizer=None):
         lm = Transformer(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=compute_dtype, lm_head=not value_model)
         return ValueModel(lm, init="zeros") if value_model else lm
 
-    return hf_cfg, cfg, value_model, nnx.eval_shape(build)
+    return cfg, value_model, nnx.eval_shape(build)
 
 
 def abstract_hf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None):
@@ -304,7 +304,7 @@ def abstract_hf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=Non
 
     Returns `(abstract_model, cfg)`.
     """
-    _, cfg, _, abstract = _abstract_from_dir(Path(path), dtype, compute_dtype)
+    cfg, _, abstract = _abstract_from_dir(Path(path), dtype, compute_dtype)
     return abstract, cfg
 
 
@@ -325,7 +325,7 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None, m
       `*ForSequenceClassification` checkpoint with one label.
     """
     path = Path(path)
-    _, cfg, value_model, abstract = _abstract_from_dir(path, dtype, compute_dtype, tokenizer)
+    cfg, value_model, abstract = _abstract_from_dir(path, dtype, compute_dtype, tokenizer)
     bound, params = _bindings(abstract, cfg, value_model)
     reader = _TensorReader(path)
     expected = _expected_hf_shapes(bound, params, cfg)

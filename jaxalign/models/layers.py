@@ -146,7 +146,7 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), slot, axis=2)
             cache_kv, keys = (k, v), "bksd"
         b, t, h, hd = q.shape
-        kvh = k.shape[keys.index("k")]
+        kvh = cfg.num_kv_heads
         scale = cfg.query_scale
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= self.layer + 1

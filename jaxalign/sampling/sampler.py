@@ -146,11 +146,10 @@ class Sampler:
         if self._abstract_rest:
             raise ValueError("this sampler was built from an abstract model whose non-parameter state has no "
                              "values; build it from the loaded model to run it")
-        static, args = self._prepare(params, prompts, prompt_mask, max_new_tokens=max_new_tokens, rng=rng,
-                                     temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=eos_ids, n=n,
-                                     greedy=greedy, pad_id=pad_id, return_raw_logprobs=return_raw_logprobs)
-        prompts, prompt_mask = args[-2:]
-        args = args[:-2]
+        static, args, (prompts, prompt_mask) = self._prepare(
+            params, prompts, prompt_mask, max_new_tokens=max_new_tokens, rng=rng, temperature=temperature,
+            top_k=top_k, top_p=top_p, eos_ids=eos_ids, n=n, greedy=greedy, pad_id=pad_id,
+            return_raw_logprobs=return_raw_logprobs)
         out = self._executable(static, args)(*args)
         # The program fills a bucket-wide buffer; columns past max_new_tokens stay empty.
         for name in ("completions", "logprobs", "mask", "raw_logprobs"):
@@ -187,17 +186,17 @@ class Sampler:
         params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                              sharding=getattr(x, "sharding", None) or default), params)
         prompts = np.zeros((batch, prompt_len), np.int32)
-        static, args = self._prepare(params, prompts, np.ones_like(prompts), max_new_tokens=max_new_tokens,
-                                     rng=jax.random.key(0) if rng is None else rng, temperature=1.0,
-                                     top_k=top_k, top_p=top_p, eos_ids=eos_ids, n=n, greedy=greedy, pad_id=0,
-                                     return_raw_logprobs=return_raw_logprobs, compiling=True)
-        self._executable(static, args[:-2])
+        static, args, _ = self._prepare(params, prompts, np.ones_like(prompts), max_new_tokens=max_new_tokens,
+                                        rng=jax.random.key(0) if rng is None else rng, temperature=1.0,
+                                        top_k=top_k, top_p=top_p, eos_ids=eos_ids, n=n, greedy=greedy, pad_id=0,
+                                        return_raw_logprobs=return_raw_logprobs, compiling=True)
+        self._executable(static, args)
 
     def _prepare(self, params: Any, prompts: Array, prompt_mask: Array, *, max_new_tokens: int, rng: Array,
                  temperature: float, top_k: int | None, top_p: float | None, eos_ids: tuple[int, ...], n: int,
                  greedy: bool, pad_id: int, return_raw_logprobs: bool,
-                 compiling: bool = False) -> tuple[_Static, tuple]:
-        """Checks a call's arguments -> (static options, the program's arguments + (prompts, mask) as given)."""
+                 compiling: bool = False) -> tuple[_Static, tuple, tuple[Array, Array]]:
+        """Checks a call's arguments -> (static options, the program's arguments, (prompts, mask) on device)."""
         if max_new_tokens < 1 or n < 1:
             raise ValueError(f"max_new_tokens and n must be >= 1, got {max_new_tokens}, {n}")
         if not temperature > 0:
@@ -227,7 +226,7 @@ class Sampler:
         args = (params, self.rest, padded, padded_mask, rng, np.float32(temperature),
                 np.int32(top_k or 0), np.float32(1.0 if top_p is None else top_p), np.int32(max_new_tokens),
                 np.asarray(eos_ids, np.int32).reshape(-1), np.int32(pad_id))
-        return static, (*args, prompts, prompt_mask)
+        return static, args, (prompts, prompt_mask)
 
     def _check_positions(self, last_position: int) -> None:
         # A learned position table has no row beyond its size (a gather there

@@ -78,3 +78,46 @@ def test_samples_stay_in_the_kept_set(small_vocab, top_k, top_p):
     assert (freq[~allowed] == 0).all()
     sigma = np.sqrt(probs * (1 - probs) / ROWS)
     assert (np.abs(freq - probs) <= 4.5 * sigma + 1e-9).all(), (freq, probs)
+
+
+def _draw_inputs():
+    """Logits with the cases argmax has to get right: ties, -inf (filtered tokens), a NaN, all -inf but one."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6, 7, 53)).astype(np.float32) * 4
+    x[0, :, 10] = x[0, :, 40] = 50.0  # a tie for the maximum: the first index wins
+    x[1, :, ::3] = -np.inf  # top-k / top-p filtered tokens
+    x[2, :, :] = -np.inf
+    x[2, :, 17] = 0.0  # one token left
+    x[3, 2, 30] = np.nan  # jnp.argmax counts a NaN as the largest value
+    x[4] = np.round(x[4])  # many ties
+    return jnp.asarray(x)
+
+
+def test_argmax_first_equals_jnp_argmax():
+    from jaxalign.sampling import argmax_first
+
+    x = _draw_inputs()
+    for arr in (x, x[0], x[:, 0]):  # [B, T, V], [T, V], [B, V]
+        got = jax.jit(argmax_first)(arr)
+        assert got.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(arr, axis=-1)))
+    assert int(argmax_first(x)[3, 2]) == 30 and int(argmax_first(x)[0, 0]) == 10
+
+
+def test_sample_categorical_draws_what_jax_random_categorical_draws():
+    """Same key, same logits -> the same token as `jax.random.categorical`, for typed and legacy keys."""
+    from jaxalign.sampling import sample_categorical
+
+    x = _draw_inputs()
+    x = jnp.where(jnp.isnan(x), 0.0, x)  # categorical over a NaN logit is undefined
+    draw = jax.jit(sample_categorical)
+    for seed in range(20):
+        for key in (jax.random.key(seed), jax.random.PRNGKey(seed)):
+            np.testing.assert_array_equal(np.asarray(draw(key, x)),
+                                          np.asarray(jax.random.categorical(key, x, axis=-1)))
+    assert bool((draw(jax.random.key(0), x)[2] == 17).all())  # the only token left is always drawn
+    # A distribution, not a constant: 2,000 draws from [0.5, 0.3, 0.2] land within 4 sigma of it.
+    p = np.array([0.5, 0.3, 0.2])
+    tokens = np.asarray(draw(jax.random.key(7), jnp.broadcast_to(jnp.log(jnp.asarray(p, jnp.float32)), (2000, 3))))
+    freq = np.bincount(tokens, minlength=3) / tokens.size
+    assert np.all(np.abs(freq - p) < 4 * np.sqrt(p * (1 - p) / tokens.size)), freq

@@ -11,9 +11,9 @@ train state, sharded on a mesh). See docs/sampling.md.
 
 from jaxalign.sampling.buckets import MIN_BUCKET, bucket_length
 from jaxalign.sampling.sampler import CompileStats, SampleResult, Sampler, compile_stats, generate
-from jaxalign.sampling.logits_processing import sampling_logprobs, token_logprobs
+from jaxalign.sampling.logits_processing import argmax_first, sample_categorical, sampling_logprobs, token_logprobs
 
 __all__ = [
-    "MIN_BUCKET", "CompileStats", "SampleResult", "Sampler", "bucket_length", "compile_stats", "generate",
-    "sampling_logprobs", "token_logprobs",
+    "MIN_BUCKET", "CompileStats", "SampleResult", "Sampler", "argmax_first", "bucket_length", "compile_stats",
+    "generate", "sample_categorical", "sampling_logprobs", "token_logprobs",
 ]

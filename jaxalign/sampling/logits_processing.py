@@ -59,4 +59,30 @@ def token_logprobs(logprobs: Array, tokens: Array) -> Array:
     return jnp.take_along_axis(logprobs, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
-__all__ = ["sampling_logprobs", "token_logprobs"]
+def argmax_first(x: Array) -> Array:
+    """`jnp.argmax(x, axis=-1)`, bit for bit, as two plain reductions: `[..., V]` -> `[...]` int32.
+
+    The first index of the largest value; a NaN counts as the largest, as in
+    `jnp.argmax`. XLA:CPU lowers `argmax` to one reduction over (value, index)
+    pairs, which it does not vectorise: on `[8, 49152]` float32 (a decode
+    step of SmolLM2 at batch 8) that takes 1.1 ms, the max and then the
+    smallest index holding it 0.27 ms (docs/sampling.md).
+    """
+    largest = jnp.max(x, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    hit = (x == largest) | jnp.isnan(x)
+    return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
+
+
+def sample_categorical(key: Array, logits: Array) -> Array:
+    """`jax.random.categorical(key, logits, axis=-1)`, bit for bit: `[..., V]` -> `[...]` int32.
+
+    The same Gumbel noise (`jax.random.gumbel(key, logits.shape, logits.dtype)`)
+    plus the logits, then `argmax_first`. jax's own version fuses the noise
+    into its (value, index) reduction, which XLA:CPU runs serially: 6.4-6.8 ms
+    on `[8, 49152]`, against 1.5 ms here.
+    """
+    return argmax_first(jax.random.gumbel(key, logits.shape, logits.dtype) + logits)
+
+
+__all__ = ["argmax_first", "sample_categorical", "sampling_logprobs", "token_logprobs"]

@@ -32,7 +32,7 @@ from flax import nnx
 from jaxalign.host import release_host_memory
 from jaxalign.models import KVCache
 from jaxalign.sampling.buckets import bucket_length, check_left_padded, left_pad
-from jaxalign.sampling.logits_processing import sampling_logprobs, token_logprobs
+from jaxalign.sampling.logits_processing import argmax_first, sample_categorical, sampling_logprobs, token_logprobs
 
 Array = jax.Array
 
@@ -290,9 +290,9 @@ def _rollout(graphdef, static: _Static, params, rest, prompts, prompt_mask, rng,
         logp = sampling_logprobs(logits, temperature=temperature, top_k=top_k if static.use_top_k else None,
                                  top_p=top_p if static.use_top_p else None)
         if static.greedy:
-            token = jnp.argmax(logp, axis=-1)
+            token = argmax_first(logp)
         else:
-            token = jax.random.categorical(jax.random.fold_in(rng, step), logp, axis=-1)
+            token = sample_categorical(jax.random.fold_in(rng, step), logp)
         raw = token_logprobs(jax.nn.log_softmax(logits, axis=-1), token) if static.raw_logprobs else None
         return token.astype(jnp.int32), token_logprobs(logp, token), raw
 

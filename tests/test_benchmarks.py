@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -161,3 +162,28 @@ def test_bench_plot_draws_a_jaxalign_only_run(tmp_path):
 
     rows = [_row("dpo_step/tiny", "jaxalign", "step_time", 0.03), _row("matmul/jax", "matmul-ceiling", "gflops", 190.0)]
     assert plot.plot(rows, tmp_path / "bench.png").stat().st_size > 10_000
+
+
+def test_compile_memory_parses_options_and_counts_distinct_kernels():
+    """`benchmarks/compile_memory.py`: KEY=VALUE options keep their types, and the kernel count
+    read from XLA's dump is one per distinct fusion (identical fusions share one kernel)."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import compile_memory
+
+    assert compile_memory._parse_options(["a=true", "b=FALSE", "c=3", "d=LIBRARY_FUSION_TYPE_DOT"]) == {
+        "a": True, "b": False, "c": 3, "d": "LIBRARY_FUSION_TYPE_DOT"}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        compile_memory._parse_options(["no_value"])
+
+    def program(xs):
+        return [x * 0.9 + jnp.sqrt(x * x + 1e-8) for x in xs]
+
+    meter = compile_memory.PeakRSS()
+    counts = {}
+    for distinct in (True, False):
+        xs = [jax.ShapeDtypeStruct((16 + (i if distinct else 0), 8), jnp.float32) for i in range(3)]
+        base, grew, seconds, counts[distinct] = compile_memory._compile(jax.jit(program).lower(xs), None, meter)
+        assert base > 0 and grew >= 0 and seconds > 0
+    assert counts == {True: 3, False: 1}

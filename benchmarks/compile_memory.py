@@ -33,13 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
+import workloads  # noqa: E402
+
 
 def _rss_mib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) // 1024
-    return 0
+    return int(workloads.status_mib("VmRSS") or 0)
 
 
 class PeakRSS:
@@ -95,22 +93,15 @@ def _compile(lowered, options, meter: PeakRSS) -> tuple[int, int, float, int]:
 
 
 def step(args) -> None:
-    import workloads
     from benchmarks.runners.jaxalign_runner import build_dpo
     from jaxalign.algorithms import dpo
     from jaxalign.host import train_step_compiler_options
-    from jaxalign.training.step import _split_static
-
-    import jax
 
     meter = PeakRSS()
     s = workloads.spec(args.model, "dpo_step", False)
     setup = build_dpo(args.model_dir or str(ROOT / "benchmarks" / ".models" / args.model), s)
-    full = dpo.attach_reference(setup.batch, ref_fn=setup.ref_fn)
-    arrays, static = _split_static(setup.step.place_batch(full))
+    lowered = setup.step.lower(setup.state, dpo.attach_reference(setup.batch, ref_fn=setup.ref_fn))
     options = {**(train_step_compiler_options("cpu") or {}), **_parse_options(args.option)}
-    with jax.set_mesh(setup.step.mesh):
-        lowered = setup.step._get(arrays, static).lower(setup.state, arrays)
     base, grew, seconds, kernels = _compile(lowered, options, meter)
     print(f"{args.model} DPO step, options {options}:")
     print("| RSS before | compile peak | compile time | distinct kernels |\n|---|---|---|---|")

@@ -112,6 +112,18 @@ def reward(completion_ids) -> float:
     return sum(1 for t in ids if int(t) % 2 == 0) / max(len(ids), 1)
 
 
+def status_mib(field: str) -> float | None:
+    """A memory field of /proc/self/status (`VmRSS`, `VmHWM`, ...) in MiB; None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mib() -> float:
     """Peak resident set size of this process image, MiB.
 
@@ -119,14 +131,8 @@ def peak_rss_mib() -> float:
     `ru_maxrss` over fork and exec, so a runner started by a parent that once
     held a big model would report the parent's peak.
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak = status_mib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def row(workload: str, model: str, framework: str, metric: str, value: float, unit: str, **extra) -> dict:

@@ -263,3 +263,41 @@ def test_decode_reads_the_kv_cache_in_place(llama, prompts):
                   and int(m[2]) * int(m[3]) >= cfg.num_kv_heads * (width + MAX_NEW - 1)]
     assert re.search(rf"f32\[{rows},{cfg.num_kv_heads},\d+,{cfg.head_dim}\]", hlo)  # the cache is in the program
     assert not cache_like, [m[0] for m in cache_like[:3]]
+
+
+def test_cpu_sampler_options_reach_the_compiler_and_keep_the_samples(llama, prompts, monkeypatch):
+    """On CPU the sampler compiles with XLA's classic element-wise code generator (a fraction of the
+    emitters' host memory while compiling, docs/sampling.md). The options reach the compiler, are part
+    of the program's key, and XLA's defaults (`JAXALIGN_XLA_DEFAULTS=1`) sample the same tokens with
+    the same log-probs."""
+    from jaxalign.host import sampler_compiler_options
+
+    monkeypatch.delenv("JAXALIGN_XLA_DEFAULTS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert sampler_compiler_options("cpu") == {"xla_cpu_use_fusion_emitters": False}
+    assert sampler_compiler_options("gpu") is None and sampler_compiler_options("tpu") is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=true")  # the user's choice wins
+    assert sampler_compiler_options("cpu") is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+    seen = []
+    compile_ = jax.stages.Lowered.compile
+
+    def recording(self, compiler_options=None, **kw):
+        seen.append(compiler_options)
+        return compile_(self, compiler_options, **kw)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", recording)
+    model, _, _ = llama
+    runs = {}
+    for mode in ("jaxalign", "xla-defaults"):
+        if mode == "xla-defaults":
+            monkeypatch.setenv("JAXALIGN_XLA_DEFAULTS", "1")
+        # 3 samples of 40 tokens: a program no other test compiles.
+        runs[mode] = generate(model, *prompts, max_new_tokens=40, n=3, rng=jax.random.key(9), eos_ids=(EOS,),
+                              return_raw_logprobs=True)
+    assert seen == [{"xla_cpu_use_fusion_emitters": False}, None]
+    a, b = runs["jaxalign"], runs["xla-defaults"]
+    np.testing.assert_array_equal(np.asarray(a.completions), np.asarray(b.completions))
+    assert masked_max_diff(a.logprobs, b.logprobs, a.mask) <= TOL
+    assert masked_max_diff(a.raw_logprobs, b.raw_logprobs, a.mask) <= TOL

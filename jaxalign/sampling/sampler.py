@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign.host import release_host_memory
+from jaxalign.host import release_host_memory, sampler_compiler_options
 from jaxalign.models import KVCache
 from jaxalign.sampling.buckets import bucket_length, check_left_padded, left_pad
 from jaxalign.sampling.logits_processing import argmax_first, sample_categorical, sampling_logprobs, token_logprobs
@@ -240,14 +240,18 @@ class Sampler:
         def spec(x):
             return (x.shape, x.dtype, getattr(x, "sharding", None))
 
-        key = (self.graphdef, jax.tree.structure(args), static,
-               tuple(spec(x) for x in jax.tree.leaves(args)))
+        leaves = jax.tree.leaves(args)
+        sharding = getattr(leaves[0], "sharding", None)  # the first param's
+        device = next(iter(sharding.device_set)) if sharding is not None else jax.devices()[0]
+        options = sampler_compiler_options(device.platform)
+        key = (self.graphdef, jax.tree.structure(args), static, tuple(spec(x) for x in leaves),
+               tuple(sorted((options or {}).items())))
         if key not in _compiled:
             start = time.perf_counter()
             fn = jax.jit(functools.partial(_rollout, self.graphdef, static))
             lowered = fn.lower(*args)
             release_host_memory()  # before and after: the compile's peak stacks on neither side's freed heap
-            _compiled[key] = lowered.compile()
+            _compiled[key] = lowered.compile(options)
             release_host_memory()
             _stats["count"] += 1
             _stats["seconds"] += time.perf_counter() - start

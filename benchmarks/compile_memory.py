@@ -5,13 +5,15 @@
     .venv/bin/python benchmarks/compile_memory.py kernels --n 25 50 100 200
 
 `step` lowers the benchmark's DPO train step (`benchmarks/workloads.py`, the
-step `make bench` times, with the reference log-probs attached), hands the
-freed heap back to the OS, then compiles it with the train step's compiler
-options (plus any `--option`) while a thread samples the process's RSS every
-2 ms. It prints the RSS before, the compile's peak above it, the compile
+step `make bench` times, with the reference log-probs attached): its two
+programs, the gradient and the update (docs/training.md). For each it hands
+the freed heap back to the OS, then compiles it with the options `TrainStep`
+uses (plus any `--option`) while a thread samples the process's RSS every
+2 ms, and prints the RSS before, the compile's peak above it, the compile
 time and the number of distinct generated kernels (XLA:CPU compiles each
-distinct fusion once). One compile per run: start a new process per
-variant, and repeat, since the peak moves by ±30 MB between runs.
+distinct fusion once). For a clean reading compile one program per run
+(`--program gradient`), start a new process per variant, and repeat, since
+the peak moves by ±30 MB between runs.
 
 `kernels` compiles synthetic programs of N element-wise AdamW-like updates,
 or N sums of squares (`--reduce`), each over a distinct shape or all over one
@@ -100,12 +102,15 @@ def step(args) -> None:
     meter = PeakRSS()
     s = workloads.spec(args.model, "dpo_step", False)
     setup = build_dpo(args.model_dir or str(ROOT / "benchmarks" / ".models" / args.model), s)
-    lowered = setup.step.lower(setup.state, dpo.attach_reference(setup.batch, ref_fn=setup.ref_fn))
-    options = {**(train_step_compiler_options("cpu") or {}), **_parse_options(args.option)}
-    base, grew, seconds, kernels = _compile(lowered, options, meter)
-    print(f"{args.model} DPO step, options {options}:")
-    print("| RSS before | compile peak | compile time | distinct kernels |\n|---|---|---|---|")
-    print(f"| {base} MiB | +{grew} MiB | {seconds:.1f} s | {kernels} |")
+    programs = setup.step.lower(setup.state, dpo.attach_reference(setup.batch, ref_fn=setup.ref_fn))
+    extra = _parse_options(args.option)
+    # As TrainStep compiles them: the dot fusions for the gradient program, XLA's defaults for the update.
+    options = {"gradient": {**(train_step_compiler_options("cpu") or {}), **extra}, "update": extra or None}
+    print(f"{args.model} DPO step, extra options {extra}:")
+    print("| program | RSS before | compile peak | compile time | distinct kernels |\n|---|---|---|---|---|")
+    for name in args.program:
+        base, grew, seconds, kernels = _compile(getattr(programs, name), options[name], meter)
+        print(f"| {name} | {base} MiB | +{grew} MiB | {seconds:.1f} s | {kernels} |")
 
 
 def _kernel_case(args) -> None:
@@ -148,6 +153,8 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="tiny")
     p.add_argument("--model-dir", default=None, help="default: benchmarks/.models/MODEL")
     p.add_argument("--option", action="append", default=[], help="KEY=VALUE compiler option (repeatable)")
+    p.add_argument("--program", nargs="+", choices=("gradient", "update"), default=["gradient", "update"],
+                   help="the step's programs to compile, in this order (default both)")
     p.set_defaults(fn=step)
     k = sub.add_parser("kernels", help="synthetic programs of N distinct or identical kernels")
     k.add_argument("--n", type=int, nargs="+", default=[25, 50, 100, 200])

@@ -71,10 +71,7 @@ def count_params(params) -> int:
 
 
 def step_memory_bytes(train_step, state, batch) -> int | None:
-    """Peak memory of the compiled step from XLA's memory analysis (arguments + outputs + temporaries,
-    less what donation lets outputs reuse); None where the backend gives no analysis."""
-    mem = train_step.compiled(state, batch).memory_analysis()
-    if mem is None:
-        return None
-    return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-               - mem.alias_size_in_bytes)
+    """Peak memory of the compiled step from XLA's memory analysis (`TrainStep.memory_bytes`: the larger
+    of its gradient and update programs, each arguments + outputs + temporaries less what donation lets
+    outputs reuse); None where the backend gives no analysis."""
+    return train_step.memory_bytes(state, batch)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,35 +38,64 @@ LossFn = Callable[[Any, Any, jax.Array], tuple[Any, dict]]
 RESERVED_METRICS = ("loss", "grad_norm", "lr", "finite", "skipped_steps")
 
 
+class StepPrograms(NamedTuple):
+    """The two programs of a train step (each a `jax.stages.Lowered` or `Compiled`).
+
+    gradient: `(state, batch) -> (grads, metrics)`: the loss (and the loss's
+      aux metrics) and its gradient, summed over micro-batches.
+    update: `(state, grads, loss) -> (state, metrics)`: the gradient norm, the
+      `finite` flag and the optimizer update, skipped when the loss or the
+      norm is not finite; the state is donated.
+    """
+
+    gradient: Any
+    update: Any
+
+
 class TrainStep:
     """`step(state, batch) -> (state, metrics)`, jitted with explicit shardings.
 
     The state argument is donated: do not reuse it after the call. Host
     (NumPy) batches are placed with `shard_batch` first. Attributes:
     `nan_policy` (read by the loop), `mesh`, `shardings` (of the state).
+
+    A step runs two compiled programs, the gradient and then the optimizer
+    update (`StepPrograms`). XLA:CPU holds host memory for every distinct
+    kernel until a whole program is built, so compiling the two halves apart
+    about halves the compile's peak; the step's arithmetic is the same
+    (docs/training.md, "Memory of a step").
     """
 
-    def __init__(self, fn, shardings: TrainState, nan_policy: str):
-        self._fn = fn
+    def __init__(self, gradient_fn, update_fn, shardings: TrainState, nan_policy: str):
+        self._gradient_fn = gradient_fn
+        self._update_fn = update_fn
         self.shardings = shardings
         self.nan_policy = nan_policy
         self.mesh = jax.tree.leaves(shardings)[0].mesh
         self._jitted: dict = {}
         self._executables: dict = {}
 
-    def _get(self, arrays, static):
+    def _get(self, arrays, static) -> StepPrograms:
         # One jit per batch layout: in_shardings must name every batch leaf
         # (arrays split on their leading dim, scalars replicated).
         leaves = jax.tree.leaves(arrays)
         key = (jax.tree.structure(arrays), tuple(jnp.ndim(x) for x in leaves), static)
         if key not in self._jitted:
             batch_sh = jax.tree.map(lambda x: shd.batch_sharding(self.mesh, jnp.ndim(x)), arrays)
-            self._jitted[key] = jax.jit(
-                lambda state, arrays: self._fn(state, _with_static(arrays, static)),
+            replicated = shd.replicated(self.mesh)
+            gradient = jax.jit(
+                lambda state, arrays: self._gradient_fn(state, _with_static(arrays, static)),
                 in_shardings=(self.shardings, batch_sh),
-                out_shardings=(self.shardings, shd.replicated(self.mesh)),
+                out_shardings=(self.shardings.params, replicated),
+                keep_unused=True,  # the whole state is an argument: its memory analysis counts what is resident
+            )
+            update = jax.jit(
+                self._update_fn,
+                in_shardings=(self.shardings, self.shardings.params, replicated),
+                out_shardings=(self.shardings, replicated),
                 donate_argnums=(0,),
             )
+            self._jitted[key] = StepPrograms(gradient, update)
         return self._jitted[key]
 
     def place_batch(self, batch: Any) -> Any:
@@ -76,48 +105,89 @@ class TrainStep:
         """
         return shd.shard_batch(batch, self.mesh)
 
-    def lower(self, state: TrainState, batch: Any):
-        """The lowered computation, for inspecting shardings and cost."""
+    def lower(self, state: TrainState, batch: Any) -> StepPrograms:
+        """The two lowered programs, for inspecting shardings and cost."""
         arrays, static = _split_static(self.place_batch(batch))
         with jax.set_mesh(self.mesh):
-            return self._get(arrays, static).lower(state, arrays)
+            return self._lower(state, arrays, static)
 
-    def compiled(self, state: TrainState, batch: Any) -> jax.stages.Compiled:
-        """The compiled program this step runs for `batch`'s layout (compiled now if new).
+    def compiled(self, state: TrainState, batch: Any) -> StepPrograms:
+        """The compiled programs this step runs for `batch`'s layout (compiled now if new).
 
         For XLA's memory and cost analyses of what actually runs: the same
-        executable `__call__` uses, with the same compiler options.
+        executables `__call__` uses, with the same compiler options.
         """
         arrays, static = _split_static(self.place_batch(batch))
         with jax.set_mesh(self.mesh):
             return self._executable(state, arrays, static)
+
+    def memory_bytes(self, state: TrainState, batch: Any) -> int | None:
+        """Peak device memory of a step from XLA's memory analysis; None where the backend gives none.
+
+        The larger of the gradient program's (the state and batch it takes,
+        its temporaries and the gradient it returns) and the update program's
+        (state, gradient and temporaries, less what donation lets the new
+        state reuse) plus the batch, which is still held while it runs.
+        """
+        gradient, update = self.compiled(state, batch)
+        g, u = gradient.memory_analysis(), update.memory_analysis()
+        if g is None or u is None:
+            return None
+        batch_bytes = sum(x.nbytes for x in jax.tree.leaves(_split_static(self.place_batch(batch))[0]))
+        return int(max(_program_bytes(g), _program_bytes(u) + batch_bytes))
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         arrays, static = _split_static(self.place_batch(batch))
         # The mesh context lets models constrain activations with bare
         # PartitionSpecs while the step is traced.
         with jax.set_mesh(self.mesh):
-            return self._executable(state, arrays, static)(state, arrays)
+            gradient, update = self._executable(state, arrays, static)
+            grads, metrics = gradient(state, arrays)
+            state, update_metrics = update(state, grads, metrics["loss"])
+        return state, _ordered_metrics(metrics, update_metrics)
 
-    def _executable(self, state: TrainState, arrays: Any, static: tuple):
-        """The compiled step for these argument types, compiled ahead of the first run.
+    def _lower(self, state: TrainState, arrays: Any, static: tuple) -> StepPrograms:
+        gradient, update = self._get(arrays, static)
+        lowered_gradient = gradient.lower(state, arrays)
+        grads, metrics = lowered_gradient.out_info
+        return StepPrograms(lowered_gradient, update.lower(state, grads, metrics["loss"]))
+
+    def _executable(self, state: TrainState, arrays: Any, static: tuple) -> StepPrograms:
+        """The compiled programs for these argument types, compiled ahead of the first run.
 
         Compiling apart from running lets the compiler's host memory go back
         to the OS before the step's own buffers are allocated, so the two
         peaks do not stack (about 0.5 GB of peak RSS on SmolLM2-135M). The
-        heap freed before the compile (tracing, earlier eager programs) goes
-        back first too, so the compile's own peak starts from a lower base.
+        heap freed before each compile (tracing, earlier programs) goes back
+        first too, so each compile's own peak starts from a lower base.
         """
         leaves, treedef = jax.tree.flatten((state, arrays))
         key = (treedef, tuple((x.shape, x.dtype, getattr(x, "weak_type", False), getattr(x, "sharding", None))
                               for x in leaves), static)
         if key not in self._executables:
-            options = train_step_compiler_options(self.mesh.devices.flat[0].platform)
-            lowered = self._get(arrays, static).lower(state, arrays)
+            # The gradient program gets the dot fusions; the update has no dots, and under that option
+            # XLA:CPU writes out the norm's squares as a gradient-sized temporary.
+            options = (train_step_compiler_options(self.mesh.devices.flat[0].platform), None)
+            compiled = []
+            for program, program_options in zip(self._lower(state, arrays, static), options):
+                release_host_memory()
+                compiled.append(program.compile(program_options))
             release_host_memory()
-            self._executables[key] = lowered.compile(options)
-            release_host_memory()
+            self._executables[key] = StepPrograms(*compiled)
         return self._executables[key]
+
+
+def _program_bytes(mem) -> int:
+    """Arguments + outputs + temporaries - donated aliases of one program's memory analysis."""
+    return (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes)
+
+
+def _ordered_metrics(gradient_metrics: dict, update_metrics: dict) -> dict:
+    """The step's metrics in one dict: loss, grad_norm, finite, skipped_steps, lr, then the loss's aux."""
+    out = {"loss": gradient_metrics["loss"], **update_metrics}
+    out.update((k, v) for k, v in gradient_metrics.items() if k not in out)
+    return out
 
 
 def make_train_step(
@@ -182,15 +252,24 @@ def make_train_step(
         (grads, num, den), aux = jax.lax.scan(body, init, (jnp.arange(micro_batches), xs))
         return grads, num, den, _combine_aux(aux, micro_batches)
 
-    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
-        rng, step_rng = jax.random.split(state.rng)
+    def gradient(state: TrainState, batch: Any) -> tuple[Any, dict]:
+        _, step_rng = jax.random.split(state.rng)
         grads, num, den, aux = accumulate(state.params, batch, step_rng)
         loss = num / den
         grads = jax.tree.map(lambda g, p: (g / den).astype(p.dtype), grads, state.params)
+        clash = set(aux) & set(RESERVED_METRICS)
+        if clash:
+            raise ValueError(f"loss aux metrics may not use the reserved names {sorted(clash)}")
+        return grads, {"loss": loss, **aux}
+
+    def update(state: TrainState, grads: Any, loss: jax.Array) -> tuple[TrainState, dict]:
+        rng, _ = jax.random.split(state.rng)  # the split `gradient` made: its first half is the next key
+        # The norm's reductions are here, not in the gradient program: the two programs then
+        # compile about the same number of distinct kernels (see `TrainStep`).
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        def update(params, opt_state, grads):
+        def apply(params, opt_state, grads):
             updates, new_opt = optimizer.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), new_opt
 
@@ -199,7 +278,7 @@ def make_train_step(
         # after the new ones overwrite them, so XLA copies both moment trees
         # first (2x the parameter bytes of temporary memory; measured in
         # docs/training.md).
-        new_params, new_opt = jax.lax.cond(finite, update, lambda p, o, g: (p, o),
+        new_params, new_opt = jax.lax.cond(finite, apply, lambda p, o, g: (p, o),
                                            state.params, state.opt_state, grads)
         skipped = state.skipped_steps + (~finite).astype(jnp.int32)
         new_state = TrainState(
@@ -209,17 +288,13 @@ def make_train_step(
             rng=rng,
             skipped_steps=skipped,
         )
-        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "skipped_steps": skipped}
+        metrics = {"grad_norm": grad_norm, "finite": finite, "skipped_steps": skipped}
         lr = _find_lr(new_opt)
         if lr is not None:
             metrics["lr"] = lr
-        clash = set(aux) & set(RESERVED_METRICS)
-        if clash:
-            raise ValueError(f"loss aux metrics may not use the reserved names {sorted(clash)}")
-        metrics.update(aux)
         return new_state, metrics
 
-    return TrainStep(step, shardings, nan_policy)
+    return TrainStep(gradient, update, shardings, nan_policy)
 
 
 def _is_static(x) -> bool:

@@ -5,8 +5,9 @@
     .venv/bin/python benchmarks/compile_memory.py kernels --n 25 50 100 200
 
 `step` lowers the benchmark's DPO train step (`benchmarks/workloads.py`, the
-step `make bench` times, with the reference log-probs attached): its two
-programs, the gradient and the update (docs/training.md). For each it hands
+step `make bench` times, with the reference log-probs attached): its
+programs, the gradient and the update, or one for a model whose gradient
+passes `SPLIT_MAX_GRADIENT_BYTES` (docs/training.md). For each it hands
 the freed heap back to the OS, then compiles it with the options `TrainStep`
 uses (plus any `--option`) while a thread samples the process's RSS every
 2 ms, and prints the RSS before, the compile's peak above it, the compile
@@ -104,12 +105,17 @@ def step(args) -> None:
     setup = build_dpo(args.model_dir or str(ROOT / "benchmarks" / ".models" / args.model), s)
     programs = setup.step.lower(setup.state, dpo.attach_reference(setup.batch, ref_fn=setup.ref_fn))
     extra = _parse_options(args.option)
-    # As TrainStep compiles them: the dot fusions for the gradient program, XLA's defaults for the update.
-    options = {"gradient": {**(train_step_compiler_options("cpu") or {}), **extra}, "update": extra or None}
+    # As TrainStep compiles them: the dot fusions for the step or its gradient program, XLA's defaults
+    # for a separate update program.
+    dots = {**(train_step_compiler_options("cpu") or {}), **extra}
+    named = dict(zip(("gradient", "update"), programs)) if len(programs) == 2 else {"step": programs[0]}
+    options = {"step": dots, "gradient": dots, "update": extra or None}
     print(f"{args.model} DPO step, extra options {extra}:")
     print("| program | RSS before | compile peak | compile time | distinct kernels |\n|---|---|---|---|---|")
-    for name in args.program:
-        base, grew, seconds, kernels = _compile(getattr(programs, name), options[name], meter)
+    for name in args.program or named:
+        if name not in named:
+            raise SystemExit(f"this step's programs are {list(named)}, not {name!r}")
+        base, grew, seconds, kernels = _compile(named[name], options[name], meter)
         print(f"| {name} | {base} MiB | +{grew} MiB | {seconds:.1f} s | {kernels} |")
 
 
@@ -153,8 +159,8 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="tiny")
     p.add_argument("--model-dir", default=None, help="default: benchmarks/.models/MODEL")
     p.add_argument("--option", action="append", default=[], help="KEY=VALUE compiler option (repeatable)")
-    p.add_argument("--program", nargs="+", choices=("gradient", "update"), default=["gradient", "update"],
-                   help="the step's programs to compile, in this order (default both)")
+    p.add_argument("--program", nargs="+", choices=("step", "gradient", "update"), default=None,
+                   help="the step's programs to compile, in this order (default all: step, or gradient and update)")
     p.set_defaults(fn=step)
     k = sub.add_parser("kernels", help="synthetic programs of N distinct or identical kernels")
     k.add_argument("--n", type=int, nargs="+", default=[25, 50, 100, 200])

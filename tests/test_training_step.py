@@ -199,7 +199,8 @@ def test_adam_moments_update_in_place():
     state, model_def = init_train_state(model, optimizer)
     step = make_train_step(token_mean_loss, optimizer, model_def=model_def, shardings=state_shardings(state))
     batch = {"tokens": np.ones((2, 8), np.int32), "mask": np.ones((2, 8), np.int32)}
-    memory = step.compiled(state, batch).update.memory_analysis()
+    gradient, update = step.compiled(state, batch)  # a toy: two programs
+    memory = update.memory_analysis()
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params))
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     assert memory.alias_size_in_bytes == state_bytes  # the whole state is donated
@@ -286,7 +287,7 @@ def test_cpu_step_options_reach_the_compiler_and_keep_the_gradient(monkeypatch):
         state, _ = step(state, batch)
         (programs_run,) = step._executables.values()
         assert step.compiled(state, batch) is programs_run  # what runs, not a fresh default compile
-        programs[mode] = programs_run.gradient.as_text()
+        programs[mode] = programs_run[0].as_text()  # the gradient program
         deltas[mode] = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), p0, jax.device_get(state.params))
 
     model = Transformer(tiny_llama_config(), rngs=nnx.Rngs(0))
@@ -370,3 +371,36 @@ def test_compilation_cache_switch_off_touches_nothing(monkeypatch):
     assert not jax.config.jax_compilation_cache_dir
     fp = host._host_fingerprint()
     assert len(fp) == 12 and fp == host._host_fingerprint()
+
+
+def test_one_program_step_equals_two_and_the_default_picks_by_gradient_size(monkeypatch):
+    """`split_update=False` compiles the step as one program; it computes what the two programs do
+    (same loss, norm and params over three Adam steps). The default splits a small model's step and
+    keeps one program once the gradient passes `SPLIT_MAX_GRADIENT_BYTES`; `memory_bytes` reads both."""
+    import jaxalign.training.step as step_module
+
+    optimizer = make_optimizer(OptimConfig(lr=1e-2, schedule="constant", warmup_steps=0, grad_clip_norm=1.0))
+    runs = {}
+    for split in (True, False):
+        state, model_def = init_train_state(ToyLM(rngs=nnx.Rngs(0)), optimizer)
+        step = make_train_step(token_mean_loss, optimizer, model_def=model_def, shardings=state_shardings(state),
+                               split_update=split)
+        data, metrics = ToyData(seed=4), []
+        for _ in range(3):
+            state, m = step(state, next(data))
+            metrics.append((float(m["loss"]), float(m["grad_norm"]), list(m)))
+        assert len(step.compiled(state, next(data))) == (2 if split else 1)
+        assert step.memory_bytes(state, next(data)) > sum(x.nbytes for x in jax.tree.leaves(state))
+        runs[split] = metrics, jax.device_get(state.params)
+    (m2, p2), (m1, p1) = runs[True], runs[False]
+    for a, b in zip(m2, m1):
+        assert sorted(a[2]) == sorted(b[2])  # the same metrics
+        assert a[0] == pytest.approx(b[0], rel=1e-6) and a[1] == pytest.approx(b[1], rel=1e-5)
+    assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), p2, p1))) <= 1e-6
+
+    state, model_def = init_train_state(ToyLM(rngs=nnx.Rngs(0)), optimizer)
+    auto = make_train_step(token_mean_loss, optimizer, model_def=model_def, shardings=state_shardings(state))
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params))
+    assert auto.splits(state)
+    monkeypatch.setattr(step_module, "SPLIT_MAX_GRADIENT_BYTES", param_bytes - 1)
+    assert not auto.splits(state)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -38,18 +38,8 @@ LossFn = Callable[[Any, Any, jax.Array], tuple[Any, dict]]
 RESERVED_METRICS = ("loss", "grad_norm", "lr", "finite", "skipped_steps")
 
 
-class StepPrograms(NamedTuple):
-    """The two programs of a train step (each a `jax.stages.Lowered` or `Compiled`).
-
-    gradient: `(state, batch) -> (grads, metrics)`: the loss (and the loss's
-      aux metrics) and its gradient, summed over micro-batches.
-    update: `(state, grads, loss) -> (state, metrics)`: the gradient norm, the
-      `finite` flag and the optimizer update, skipped when the loss or the
-      norm is not finite; the state is donated.
-    """
-
-    gradient: Any
-    update: Any
+# `split_update=None` splits a step into two programs when its gradient takes at most this many bytes.
+SPLIT_MAX_GRADIENT_BYTES = 64 * 2**20
 
 
 class TrainStep:
@@ -57,45 +47,70 @@ class TrainStep:
 
     The state argument is donated: do not reuse it after the call. Host
     (NumPy) batches are placed with `shard_batch` first. Attributes:
-    `nan_policy` (read by the loop), `mesh`, `shardings` (of the state).
+    `nan_policy` (read by the loop), `mesh`, `shardings` (of the state),
+    `split_update`.
 
-    A step runs two compiled programs, the gradient and then the optimizer
-    update (`StepPrograms`). XLA:CPU holds host memory for every distinct
-    kernel until a whole program is built, so compiling the two halves apart
-    about halves the compile's peak; the step's arithmetic is the same
-    (docs/training.md, "Memory of a step").
+    A step is one compiled program, or two run one after the other: the
+    gradient, `(state, batch) -> (grads, metrics)` (the loss, its aux metrics
+    and the gradient summed over micro-batches), then the update,
+    `(state, grads, loss) -> (state, metrics)` (the gradient norm, the finite
+    check and the optimizer update, with the state donated). Same arithmetic
+    either way. Two programs halve the compile's host-memory peak (XLA:CPU
+    holds memory for every distinct kernel until a whole program is built)
+    but hold the gradient apart from the gradient program's temporaries, up
+    to one gradient more at the step's own peak. `split_update=None` picks two
+    programs when the gradient takes at most `SPLIT_MAX_GRADIENT_BYTES` (64
+    MiB: 16M float32 parameters), where the compile sets the process's peak,
+    and one program above (docs/training.md, "Memory of a step").
     """
 
-    def __init__(self, gradient_fn, update_fn, shardings: TrainState, nan_policy: str):
+    def __init__(self, gradient_fn, update_fn, shardings: TrainState, nan_policy: str,
+                 split_update: bool | None = None):
         self._gradient_fn = gradient_fn
         self._update_fn = update_fn
         self.shardings = shardings
         self.nan_policy = nan_policy
+        self.split_update = split_update
         self.mesh = jax.tree.leaves(shardings)[0].mesh
         self._jitted: dict = {}
         self._executables: dict = {}
 
-    def _get(self, arrays, static) -> StepPrograms:
+    def splits(self, state: TrainState) -> bool:
+        """Whether a step on `state` runs as two programs (gradient, update) or one."""
+        if self.split_update is not None:
+            return self.split_update
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params)) <= SPLIT_MAX_GRADIENT_BYTES
+
+    def _get(self, arrays, static, split: bool) -> tuple:
         # One jit per batch layout: in_shardings must name every batch leaf
         # (arrays split on their leading dim, scalars replicated).
         leaves = jax.tree.leaves(arrays)
-        key = (jax.tree.structure(arrays), tuple(jnp.ndim(x) for x in leaves), static)
+        key = (jax.tree.structure(arrays), tuple(jnp.ndim(x) for x in leaves), static, split)
         if key not in self._jitted:
             batch_sh = jax.tree.map(lambda x: shd.batch_sharding(self.mesh, jnp.ndim(x)), arrays)
             replicated = shd.replicated(self.mesh)
-            gradient = jax.jit(
-                lambda state, arrays: self._gradient_fn(state, _with_static(arrays, static)),
-                in_shardings=(self.shardings, batch_sh),
-                out_shardings=(self.shardings.params, replicated),
-                keep_unused=True,  # the whole state is an argument: its memory analysis counts what is resident
-            )
-            update = jax.jit(
-                self._update_fn,
-                in_shardings=(self.shardings, self.shardings.params, replicated),
-                out_shardings=(self.shardings, replicated),
-                donate_argnums=(0,),
-            )
-            self._jitted[key] = StepPrograms(gradient, update)
+            if not split:
+                def step(state, arrays):
+                    grads, metrics = self._gradient_fn(state, _with_static(arrays, static))
+                    state, update_metrics = self._update_fn(state, grads, metrics["loss"])
+                    return state, _ordered_metrics(metrics, update_metrics)
+
+                self._jitted[key] = (jax.jit(step, in_shardings=(self.shardings, batch_sh),
+                                             out_shardings=(self.shardings, replicated), donate_argnums=(0,)),)
+            else:
+                gradient = jax.jit(
+                    lambda state, arrays: self._gradient_fn(state, _with_static(arrays, static)),
+                    in_shardings=(self.shardings, batch_sh),
+                    out_shardings=(self.shardings.params, replicated),
+                    keep_unused=True,  # the whole state is an argument: its memory analysis counts what is resident
+                )
+                update = jax.jit(
+                    self._update_fn,
+                    in_shardings=(self.shardings, self.shardings.params, replicated),
+                    out_shardings=(self.shardings, replicated),
+                    donate_argnums=(0,),
+                )
+                self._jitted[key] = (gradient, update)
         return self._jitted[key]
 
     def place_batch(self, batch: Any) -> Any:
@@ -105,14 +120,15 @@ class TrainStep:
         """
         return shd.shard_batch(batch, self.mesh)
 
-    def lower(self, state: TrainState, batch: Any) -> StepPrograms:
-        """The two lowered programs, for inspecting shardings and cost."""
+    def lower(self, state: TrainState, batch: Any) -> tuple:
+        """The lowered programs, `(step,)` or `(gradient, update)`, for inspecting shardings and cost."""
         arrays, static = _split_static(self.place_batch(batch))
         with jax.set_mesh(self.mesh):
             return self._lower(state, arrays, static)
 
-    def compiled(self, state: TrainState, batch: Any) -> StepPrograms:
-        """The compiled programs this step runs for `batch`'s layout (compiled now if new).
+    def compiled(self, state: TrainState, batch: Any) -> tuple:
+        """The compiled programs this step runs for `batch`'s layout, `(step,)` or `(gradient, update)`
+        (compiled now if new). The last one returns the new state.
 
         For XLA's memory and cost analyses of what actually runs: the same
         executables `__call__` uses, with the same compiler options.
@@ -124,35 +140,44 @@ class TrainStep:
     def memory_bytes(self, state: TrainState, batch: Any) -> int | None:
         """Peak device memory of a step from XLA's memory analysis; None where the backend gives none.
 
-        The larger of the gradient program's (the state and batch it takes,
-        its temporaries and the gradient it returns) and the update program's
-        (state, gradient and temporaries, less what donation lets the new
-        state reuse) plus the batch, which is still held while it runs.
+        One program: its arguments, outputs and temporaries, less what
+        donation lets the new state reuse. Two: the larger of the gradient
+        program's (the state and batch it takes, its temporaries and the
+        gradient it returns) and the update program's (state, gradient and
+        temporaries, less the donated state) plus the batch, still held.
         """
-        gradient, update = self.compiled(state, batch)
-        g, u = gradient.memory_analysis(), update.memory_analysis()
-        if g is None or u is None:
+        programs = self.compiled(state, batch)
+        analyses = [p.memory_analysis() for p in programs]
+        if any(m is None for m in analyses):
             return None
+        if len(analyses) == 1:
+            return int(_program_bytes(analyses[0]))
         batch_bytes = sum(x.nbytes for x in jax.tree.leaves(_split_static(self.place_batch(batch))[0]))
-        return int(max(_program_bytes(g), _program_bytes(u) + batch_bytes))
+        return int(max(_program_bytes(analyses[0]), _program_bytes(analyses[1]) + batch_bytes))
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         arrays, static = _split_static(self.place_batch(batch))
         # The mesh context lets models constrain activations with bare
         # PartitionSpecs while the step is traced.
         with jax.set_mesh(self.mesh):
-            gradient, update = self._executable(state, arrays, static)
+            programs = self._executable(state, arrays, static)
+            if len(programs) == 1:
+                return programs[0](state, arrays)
+            gradient, update = programs
             grads, metrics = gradient(state, arrays)
             state, update_metrics = update(state, grads, metrics["loss"])
         return state, _ordered_metrics(metrics, update_metrics)
 
-    def _lower(self, state: TrainState, arrays: Any, static: tuple) -> StepPrograms:
-        gradient, update = self._get(arrays, static)
+    def _lower(self, state: TrainState, arrays: Any, static: tuple) -> tuple:
+        programs = self._get(arrays, static, self.splits(state))
+        if len(programs) == 1:
+            return (programs[0].lower(state, arrays),)
+        gradient, update = programs
         lowered_gradient = gradient.lower(state, arrays)
         grads, metrics = lowered_gradient.out_info
-        return StepPrograms(lowered_gradient, update.lower(state, grads, metrics["loss"]))
+        return lowered_gradient, update.lower(state, grads, metrics["loss"])
 
-    def _executable(self, state: TrainState, arrays: Any, static: tuple) -> StepPrograms:
+    def _executable(self, state: TrainState, arrays: Any, static: tuple) -> tuple:
         """The compiled programs for these argument types, compiled ahead of the first run.
 
         Compiling apart from running lets the compiler's host memory go back
@@ -165,15 +190,16 @@ class TrainStep:
         key = (treedef, tuple((x.shape, x.dtype, getattr(x, "weak_type", False), getattr(x, "sharding", None))
                               for x in leaves), static)
         if key not in self._executables:
-            # The gradient program gets the dot fusions; the update has no dots, and under that option
-            # XLA:CPU writes out the norm's squares as a gradient-sized temporary.
+            lowered = self._lower(state, arrays, static)
+            # The step and the gradient program get the dot fusions. A separate update program has no dots,
+            # and under that option XLA:CPU writes out the norm's squares as a gradient-sized temporary.
             options = (train_step_compiler_options(self.mesh.devices.flat[0].platform), None)
             compiled = []
-            for program, program_options in zip(self._lower(state, arrays, static), options):
+            for program, program_options in zip(lowered, options):
                 release_host_memory()
                 compiled.append(program.compile(program_options))
             release_host_memory()
-            self._executables[key] = StepPrograms(*compiled)
+            self._executables[key] = tuple(compiled)
         return self._executables[key]
 
 
@@ -198,6 +224,7 @@ def make_train_step(
     shardings: TrainState,
     micro_batches: int = 1,
     nan_policy: Literal["skip", "stop"] = "skip",
+    split_update: bool | None = None,
 ) -> TrainStep:
     """Builds the train step.
 
@@ -210,6 +237,9 @@ def make_train_step(
       `skipped_steps` + 1); with "stop" the loop then raises.
     shardings: the state's shardings (`state_shardings(state)`); the
       step's outputs use the same, so no resharding happens between steps.
+    split_update: compile the gradient and the optimizer update as two
+      programs (True) or one (False); None: two when the gradient takes at
+      most `SPLIT_MAX_GRADIENT_BYTES` (see `TrainStep`).
     """
     if nan_policy not in ("skip", "stop"):
         raise ValueError(f"nan_policy must be 'skip' or 'stop', got {nan_policy!r}")
@@ -294,7 +324,7 @@ def make_train_step(
             metrics["lr"] = lr
         return new_state, metrics
 
-    return TrainStep(gradient, update, shardings, nan_policy)
+    return TrainStep(gradient, update, shardings, nan_policy, split_update)
 
 
 def _is_static(x) -> bool:

@@ -35,8 +35,9 @@ def train_step_compiler_options(platform: str) -> dict[str, str] | None:
     fusions most of those copies go away. Measured in docs/training.md
     (SmolLM2-135M DPO step 5-7% faster, ~140 MiB less peak memory). The
     sampler does without it: its decode steps were not faster this way.
-    A step's gradient program gets them; its update program (no dots) is
-    compiled with XLA's defaults.
+    A one-program step gets them; a step split in two (a small model's,
+    `TrainStep`) gets them for its gradient program and compiles its update
+    program (no dots) with XLA's defaults.
 
     None (the compiler's defaults) elsewhere, when `JAXALIGN_XLA_DEFAULTS=1`
     asks for XLA's own defaults, or when `XLA_FLAGS` already sets the option

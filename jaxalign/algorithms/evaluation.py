@@ -71,7 +71,7 @@ def count_params(params) -> int:
 
 
 def step_memory_bytes(train_step, state, batch) -> int | None:
-    """Peak memory of the compiled step from XLA's memory analysis (`TrainStep.memory_bytes`: the larger
-    of its gradient and update programs, each arguments + outputs + temporaries less what donation lets
-    outputs reuse); None where the backend gives no analysis."""
+    """Peak memory of the compiled step from XLA's memory analysis (`TrainStep.memory_bytes`: arguments +
+    outputs + temporaries less what donation lets outputs reuse, for a step split in two the larger of its
+    gradient and update programs); None where the backend gives no analysis."""
     return train_step.memory_bytes(state, batch)

@@ -43,11 +43,7 @@ def train_step_compiler_options(platform: str) -> dict[str, str] | None:
     asks for XLA's own defaults, or when `XLA_FLAGS` already sets the option
     (the user's choice wins).
     """
-    if platform != "cpu" or os.environ.get("JAXALIGN_XLA_DEFAULTS") == "1":
-        return None
-    if _YNN_FUSION_TYPE in os.environ.get("XLA_FLAGS", ""):
-        return None
-    return {_YNN_FUSION_TYPE: "LIBRARY_FUSION_TYPE_DOT"}
+    return _cpu_option(platform, _YNN_FUSION_TYPE, "LIBRARY_FUSION_TYPE_DOT")
 
 
 def sampler_compiler_options(platform: str) -> dict[str, bool] | None:
@@ -66,11 +62,16 @@ def sampler_compiler_options(platform: str) -> dict[str, bool] | None:
     None elsewhere, when `JAXALIGN_XLA_DEFAULTS=1`, or when `XLA_FLAGS`
     already sets the option (the user's choice wins).
     """
+    return _cpu_option(platform, _FUSION_EMITTERS, False)
+
+
+def _cpu_option(platform: str, key: str, value: str | bool) -> dict[str, str | bool] | None:
+    """`{key: value}` on CPU; None elsewhere, under `JAXALIGN_XLA_DEFAULTS=1`, or when `XLA_FLAGS` sets `key`."""
     if platform != "cpu" or os.environ.get("JAXALIGN_XLA_DEFAULTS") == "1":
         return None
-    if _FUSION_EMITTERS in os.environ.get("XLA_FLAGS", ""):
+    if key in os.environ.get("XLA_FLAGS", ""):
         return None
-    return {_FUSION_EMITTERS: False}
+    return {key: value}
 
 
 # `enable_compilation_cache`'s switch: unset = the default directory, "0"/"off"/"false" = off, else a directory.

@@ -55,7 +55,8 @@ class TrainStep:
     and the gradient summed over micro-batches), then the update,
     `(state, grads, loss) -> (state, metrics)` (the gradient norm, the finite
     check and the optimizer update, with the state donated). Same arithmetic
-    either way. Two programs halve the compile's host-memory peak (XLA:CPU
+    either way, up to float32 rounding (XLA fuses the two layouts
+    differently). Two programs halve the compile's host-memory peak (XLA:CPU
     holds memory for every distinct kernel until a whole program is built)
     but hold the gradient apart from the gradient program's temporaries, up
     to one gradient more at the step's own peak. `split_update=None` picks two
@@ -91,9 +92,8 @@ class TrainStep:
             replicated = shd.replicated(self.mesh)
             if not split:
                 def step(state, arrays):
-                    grads, metrics = self._gradient_fn(state, _with_static(arrays, static))
-                    state, update_metrics = self._update_fn(state, grads, metrics["loss"])
-                    return state, _ordered_metrics(metrics, update_metrics)
+                    return _run(lambda s, a: self._gradient_fn(s, _with_static(a, static)), self._update_fn,
+                                state, arrays)
 
                 self._jitted[key] = (jax.jit(step, in_shardings=(self.shardings, batch_sh),
                                              out_shardings=(self.shardings, replicated), donate_argnums=(0,)),)
@@ -146,13 +146,15 @@ class TrainStep:
         gradient it returns) and the update program's (state, gradient and
         temporaries, less the donated state) plus the batch, still held.
         """
-        programs = self.compiled(state, batch)
+        arrays, static = _split_static(self.place_batch(batch))
+        with jax.set_mesh(self.mesh):
+            programs = self._executable(state, arrays, static)
         analyses = [p.memory_analysis() for p in programs]
         if any(m is None for m in analyses):
             return None
         if len(analyses) == 1:
             return int(_program_bytes(analyses[0]))
-        batch_bytes = sum(x.nbytes for x in jax.tree.leaves(_split_static(self.place_batch(batch))[0]))
+        batch_bytes = sum(x.nbytes for x in jax.tree.leaves(arrays))
         return int(max(_program_bytes(analyses[0]), _program_bytes(analyses[1]) + batch_bytes))
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
@@ -163,10 +165,7 @@ class TrainStep:
             programs = self._executable(state, arrays, static)
             if len(programs) == 1:
                 return programs[0](state, arrays)
-            gradient, update = programs
-            grads, metrics = gradient(state, arrays)
-            state, update_metrics = update(state, grads, metrics["loss"])
-        return state, _ordered_metrics(metrics, update_metrics)
+            return _run(*programs, state, arrays)
 
     def _lower(self, state: TrainState, arrays: Any, static: tuple) -> tuple:
         programs = self._get(arrays, static, self.splits(state))
@@ -201,6 +200,13 @@ class TrainStep:
             release_host_memory()
             self._executables[key] = tuple(compiled)
         return self._executables[key]
+
+
+def _run(gradient, update, state: TrainState, arrays: Any) -> tuple[TrainState, dict]:
+    """One step from its two parts: traced inside a one-program step, or the two compiled programs."""
+    grads, metrics = gradient(state, arrays)
+    state, update_metrics = update(state, grads, metrics["loss"])
+    return state, _ordered_metrics(metrics, update_metrics)
 
 
 def _program_bytes(mem) -> int:

@@ -62,11 +62,31 @@ def test_group_presets_raise_their_reward(task, preset):
     assert last > first + 0.15, (first, last)
 
 
+def _first_step_compiling_before_the_rollout(task, preset):
+    """One GroupStep call; asserts the train step was compiled before the rollout sampled, for the
+    layout the rollout then built (`batch_like`), and that the step ran that program (no second one)."""
+    gs, state, _ = _group_run(task, preset, 0)
+    programs_at_sampling, sampler = [], gs.sampler
+
+    def spy(*args, **kwargs):
+        programs_at_sampling.append(len(gs.train_step._executables))
+        return sampler(*args, **kwargs)
+
+    gs.sampler = spy
+    prompt_batch = next(gs.prompts)
+    state, metrics = gs(state, prompt_batch)
+    assert programs_at_sampling[0] == 1 and len(gs.train_step._executables) == 1
+    like = gs.batch_like(prompt_batch)
+    assert {k: (v.shape, v.dtype) for k, v in like.items()} == \
+        {k: (v.shape, v.dtype) for k, v in gs.last_batch.items()}
+    return gs, {k: float(v) for k, v in metrics.items()}
+
+
 def test_dapo_builds_no_reference_and_grpo_does(task):
-    gs, _, hist = _group_run(task, "dapo", 1)
-    assert gs.ref_logps is None and "ref_logps" not in gs.last_batch and "kl" not in hist[0]
-    gs, _, hist = _group_run(task, "grpo", 1)
-    assert "ref_logps" in gs.last_batch and hist[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    gs, metrics = _first_step_compiling_before_the_rollout(task, "dapo")
+    assert gs.ref_logps is None and "ref_logps" not in gs.last_batch and "kl" not in metrics
+    gs, metrics = _first_step_compiling_before_the_rollout(task, "grpo")
+    assert "ref_logps" in gs.last_batch and metrics["kl"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_dynamic_sampling_refills_the_batch(task):

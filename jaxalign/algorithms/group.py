@@ -126,6 +126,12 @@ class GroupStep:
     rollout batch and runs `mu` calls of `train_step` on it. Extra prompts
     for dynamic sampling come from `prompts` (the loop's own iterator, so
     the checkpointed data position stays exact).
+
+    The train step is compiled before the first rollout of each prompt
+    width (`batch_like` gives the training batch's shapes up front), while
+    the heap holds the least: no sampler or reference program and no rollout
+    buffers yet, so the compiler's host-memory peak starts lower (measured
+    in docs/training.md, "Memory of a step").
     """
 
     def __init__(self, cfg: GroupConfig, *, train_step, sampler, reward_fn, tokenizer, prompts,
@@ -142,6 +148,28 @@ class GroupStep:
         self.key = jax.random.PRNGKey(seed)
         self.eos_ids = (tokenizer.eos_token_id,)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._compiled_widths: set[int] = set()
+
+    def batch_like(self, prompt_batch: dict) -> dict:
+        """Zeros shaped as the training batch `rollout` builds from `prompt_batch`.
+
+        R = prompts_per_step * group_size rows of width T = P + N (the
+        prompts' width and `max_new_tokens`):
+        `tokens`, `attention_mask`, `positions`, `loss_mask` int32 `[R, T]`;
+        `old_logps` (and `ref_logps` when β > 0) float32 `[R, N]`;
+        `advantages`, `weights` float32 `[R]`. (A dynamic-sampling refill
+        with wider prompts makes a wider batch.)
+        """
+        cfg = self.cfg
+        rows, n = cfg.prompts_per_step * cfg.group_size, cfg.sampling.max_new_tokens
+        width = np.shape(prompt_batch["prompt_tokens"])[1] + n
+        batch = {k: np.zeros((rows, width), np.int32) for k in ("tokens", "attention_mask", "positions", "loss_mask")}
+        batch["old_logps"] = np.zeros((rows, n), np.float32)
+        batch["advantages"] = np.zeros(rows, np.float32)
+        batch["weights"] = np.zeros(rows, np.float32)
+        if self.ref_logps is not None:
+            batch["ref_logps"] = np.zeros((rows, n), np.float32)
+        return batch
 
     def _rewards(self, rollout) -> np.ndarray:
         rewards = np.asarray(self.reward_fn(rollout), np.float32)
@@ -211,12 +239,17 @@ class GroupStep:
 
     def __call__(self, state, prompt_batch: dict):
         t0 = time.perf_counter()
+        width = np.shape(prompt_batch["prompt_tokens"])[1]
+        if width not in self._compiled_widths:  # before the rollout: see the class docstring
+            self.train_step.compiled(state, self.batch_like(prompt_batch))
+            self._compiled_widths.add(width)
+        t_rollout = time.perf_counter()
         batch, metrics = self.rollout(state.params, prompt_batch, int(jax.device_get(state.step)))
         t1 = time.perf_counter()
         self.last_batch = batch
         for _ in range(self.cfg.mu):
             state, step_metrics = self.train_step(state, batch)
         metrics = {**step_metrics, **metrics}
-        metrics["rollout_time_s"] = t1 - t0
+        metrics["rollout_time_s"] = t1 - t_rollout
         metrics["step_time_s"] = time.perf_counter() - t0
         return state, metrics

@@ -82,7 +82,7 @@ def _first_step_compiling_before_the_rollout(task, preset):
     return gs, {k: float(v) for k, v in metrics.items()}
 
 
-def test_dapo_builds_no_reference_and_grpo_does(task):
+def test_group_steps_compile_before_the_rollout_and_only_grpo_builds_a_reference(task):
     gs, metrics = _first_step_compiling_before_the_rollout(task, "dapo")
     assert gs.ref_logps is None and "ref_logps" not in gs.last_batch and "kl" not in metrics
     gs, metrics = _first_step_compiling_before_the_rollout(task, "grpo")

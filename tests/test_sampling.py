@@ -212,6 +212,38 @@ def test_precompile_on_the_abstract_model_serves_the_loaded_params(llama, prompt
         sampler(nnx.state(abstract, nnx.Param), *prompts, rng=jax.random.key(4), **options)
 
 
+def test_precompile_leaves_the_first_call_nothing_to_compile(llama, prompts):
+    """Besides its program, a call runs small ops (the cut of the bucket-wide outputs to max_new_tokens,
+    the prompts repeated n times), each an XLA program compiled at first use. `precompile` runs them on
+    zeros, so the first call with the loaded params compiles nothing."""
+    model, _, path = llama
+    abstract, _ = abstract_hf(path)
+    options = dict(max_new_tokens=11, n=3, eos_ids=(EOS,))  # shapes no other test samples with
+    compiles = []
+
+    def listener(name, seconds, **kwargs):
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles.append(seconds)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        sampler = Sampler(abstract)
+        sampler.precompile(*prompts[0].shape, **options)
+        assert compiles, "precompile compiled nothing"
+        del compiles[:]
+        params = nnx.state(model, nnx.Param)
+        out = sampler(params, *prompts, rng=jax.random.key(5), **options)
+        assert compiles == []
+        assert out.completions.shape == (12, 11) and out.prompts.shape == (12, prompts[0].shape[1])
+        np.testing.assert_array_equal(np.asarray(out.prompts), np.repeat(prompts[0], 3, axis=0))
+        # The check can fail: another budget in the same bucket runs the same program but cuts its
+        # outputs to another width, which compiles at the call.
+        sampler(params, *prompts, rng=jax.random.key(5), **{**options, "max_new_tokens": 9})
+        assert compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def test_rejects_right_padding(llama, prompts):
     model, _, _ = llama
     tokens, mask = prompts

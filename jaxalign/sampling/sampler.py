@@ -151,12 +151,7 @@ class Sampler:
             top_k=top_k, top_p=top_p, eos_ids=eos_ids, n=n, greedy=greedy, pad_id=pad_id,
             return_raw_logprobs=return_raw_logprobs)
         out = self._executable(static, args)(*args)
-        # The program fills a bucket-wide buffer; columns past max_new_tokens stay empty.
-        for name in ("completions", "logprobs", "mask", "raw_logprobs"):
-            if out[name] is not None:
-                out[name] = out[name][:, :max_new_tokens]
-        return SampleResult(**out, prompts=jnp.repeat(prompts, n, axis=0),
-                            prompt_mask=jnp.repeat(prompt_mask, n, axis=0))
+        return _finish(out, prompts, prompt_mask, max_new_tokens, n)
 
     def precompile(self, batch: int, prompt_len: int, *, max_new_tokens: int, params: Any = None, n: int = 1,
                    greedy: bool = False, top_k: int | None = None, top_p: float | None = None,
@@ -186,11 +181,17 @@ class Sampler:
         params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                              sharding=getattr(x, "sharding", None) or default), params)
         prompts = np.zeros((batch, prompt_len), np.int32)
-        static, args, _ = self._prepare(params, prompts, np.ones_like(prompts), max_new_tokens=max_new_tokens,
-                                        rng=jax.random.key(0) if rng is None else rng, temperature=1.0,
-                                        top_k=top_k, top_p=top_p, eos_ids=eos_ids, n=n, greedy=greedy, pad_id=0,
-                                        return_raw_logprobs=return_raw_logprobs, compiling=True)
-        self._executable(static, args)
+        static, args, (prompts, prompt_mask) = self._prepare(
+            params, prompts, np.ones_like(prompts), max_new_tokens=max_new_tokens,
+            rng=jax.random.key(0) if rng is None else rng, temperature=1.0, top_k=top_k, top_p=top_p,
+            eos_ids=eos_ids, n=n, greedy=greedy, pad_id=0, return_raw_logprobs=return_raw_logprobs, compiling=True)
+        compiled = self._executable(static, args)
+        # A call also runs a few small ops around the program (the cut to max_new_tokens, the prompts
+        # repeated n times), each compiled at its first use. Running them here on zeros of the outputs'
+        # shapes compiles them now too, so the first call compiles nothing on top of the weights.
+        zeros = jax.tree.map(lambda s, where: jax.device_put(np.zeros(s.shape, s.dtype), where),
+                             compiled.out_info, compiled.output_shardings)
+        _finish(zeros, prompts, prompt_mask, max_new_tokens, n)
 
     def _prepare(self, params: Any, prompts: Array, prompt_mask: Array, *, max_new_tokens: int, rng: Array,
                  temperature: float, top_k: int | None, top_p: float | None, eos_ids: tuple[int, ...], n: int,
@@ -348,6 +349,17 @@ def _expand_cache(cache: KVCache, n: int, max_len: int) -> KVCache:
 
 
 __all__ = ["CompileStats", "SampleResult", "Sampler", "compile_stats", "generate"]
+
+
+def _finish(out: dict, prompts: Array, prompt_mask: Array, max_new_tokens: int, n: int) -> SampleResult:
+    """The program's outputs -> the call's `SampleResult` (prompts, prompt_mask: [B, P] as given)."""
+    # The program fills a bucket-wide buffer; columns past max_new_tokens stay empty.
+    for name in ("completions", "logprobs", "mask", "raw_logprobs"):
+        if out[name] is not None and out[name].shape[1] != max_new_tokens:
+            out[name] = out[name][:, :max_new_tokens]
+    if n > 1:
+        prompts, prompt_mask = jnp.repeat(prompts, n, axis=0), jnp.repeat(prompt_mask, n, axis=0)
+    return SampleResult(**out, prompts=prompts, prompt_mask=prompt_mask)
 
 
 def _int32_on_device(x) -> jax.Array:

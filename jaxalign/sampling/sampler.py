@@ -168,7 +168,10 @@ class Sampler:
         `top_k` / `top_p` are set, the number of `eos_ids`,
         `return_raw_logprobs`), not the values. rng: a key of the kind the
         calls pass (default a typed `jax.random.key`; a legacy `PRNGKey` is
-        another program); its value does not matter.
+        another program); its value does not matter. The small ops a call
+        runs around the program (the cut to `max_new_tokens`, the prompts
+        repeated `n` times) are compiled here too: a matching call compiles
+        nothing.
 
         No weights are needed: built on `jaxalign.models.abstract_hf`'s model,
         the sampler compiles (or loads from the compilation cache) before

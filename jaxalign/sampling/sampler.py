@@ -358,7 +358,7 @@ def _finish(out: dict, prompts: Array, prompt_mask: Array, max_new_tokens: int, 
     """The program's outputs -> the call's `SampleResult` (prompts, prompt_mask: [B, P] as given)."""
     # The program fills a bucket-wide buffer; columns past max_new_tokens stay empty.
     for name in ("completions", "logprobs", "mask", "raw_logprobs"):
-        if out[name] is not None and out[name].shape[1] != max_new_tokens:
+        if out[name] is not None:  # a full-width slice is the array itself (no program)
             out[name] = out[name][:, :max_new_tokens]
     if n > 1:
         prompts, prompt_mask = jnp.repeat(prompts, n, axis=0), jnp.repeat(prompt_mask, n, axis=0)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxalign.training import Checkpointer, NonFiniteError
-from jaxalign.training.metrics import read_jsonl
+from jaxalign.training.metrics import TensorBoardWriter, read_jsonl
 from tests._train_worker import build, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,17 +25,25 @@ COMPARED = ("loss", "grad_norm", "lr", "finite", "skipped_steps", "token_nll", "
 def read_tensorboard_scalars(logdir: str) -> dict[str, dict[int, float]]:
     """{tag: {step: value}} from event files, parsed with tensorboardX's protos.
 
-    Event files are TFRecords: u64 length, u32 crc, payload, u32 crc.
+    Event files are TFRecords: u64 length, u32 crc, payload, u32 crc. Files are
+    read in the order they were opened; a session-restart marker at step s
+    hides what earlier files logged at steps >= s, as TensorBoard does.
     """
     from tensorboardX.proto import event_pb2
 
-    out: dict = {}
-    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
-        data, i = open(path, "rb").read(), 0
+    files = []
+    for path in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
+        data, i, events = open(path, "rb").read(), 0, []
         while i < len(data):
             (n,) = struct.unpack("<Q", data[i : i + 8])
-            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            events.append(event_pb2.Event.FromString(data[i + 12 : i + 12 + n]))
             i += 12 + n + 4
+        files.append(events)
+    out: dict = {}
+    for events in sorted(files, key=lambda ev: ev[0].wall_time):
+        for event in events:
+            if event.session_log.status == event_pb2.SessionLog.START:
+                out = {tag: {s: v for s, v in by_step.items() if s < event.step} for tag, by_step in out.items()}
             for v in event.summary.value:
                 out.setdefault(v.tag, {})[event.step] = v.simple_value
     return out
@@ -150,6 +158,25 @@ def test_resume_after_kill9_is_exact(tmp_path):
     assert sorted(tb["loss"]) == list(range(1, steps + 1))
 
 
+
+
+def test_tensorboard_steps_are_on_disk_when_write_returns(tmp_path):
+    """A killed run keeps every step it logged; a resume hides the steps after its checkpoint."""
+    logdir = str(tmp_path)
+    first = TensorBoardWriter(logdir)
+    for step in range(1, 6):
+        first.write(step, {"loss": float(step), "lr": 0.5})
+        # Read before close, as after a kill -9.
+        assert read_tensorboard_scalars(logdir)["loss"] == {s: float(s) for s in range(1, step + 1)}
+    # Resumed from the checkpoint at step 3, within the same second; `first` is never closed.
+    second = TensorBoardWriter(logdir, resume_step=3)
+    assert read_tensorboard_scalars(logdir)["loss"] == {1: 1.0, 2: 2.0, 3: 3.0}
+    second.write(4, {"loss": 40.0})
+    assert read_tensorboard_scalars(logdir) == {"loss": {1: 1.0, 2: 2.0, 3: 3.0, 4: 40.0},
+                                                "lr": {1: 0.5, 2: 0.5, 3: 0.5}}
+    second.close()
+    first.close()
+    assert len(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))) == 2
 
 
 def test_final_state_matches_numpy_checkpoint(tmp_path):

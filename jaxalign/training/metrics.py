@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Mapping
 
 import tqdm
@@ -52,21 +53,43 @@ class JsonlWriter:
 
 
 class TensorBoardWriter:
-    """Scalars into TensorBoard event files (tensorboardX, no TensorFlow)."""
+    """Scalars into a TensorBoard event file, written and flushed in the caller's thread.
+
+    tensorboardX's `SummaryWriter` hands events to a background thread, and its
+    `flush()` flushes only what that thread has already written: an event still
+    in the queue is lost when the process is killed, even after `flush()`. This
+    writer uses tensorboardX's record format and protos but no thread, so a
+    step that `write` returned from is on disk.
+
+    resume_step: the run restarts after this step. The new file starts with the
+    session-restart marker at `resume_step + 1`, so TensorBoard hides what an
+    earlier file logged from that step on.
+    """
 
     def __init__(self, logdir: str, resume_step: int | None = None):
-        from tensorboardX import SummaryWriter
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
 
-        purge = None if resume_step is None else resume_step + 1
-        self._writer = SummaryWriter(logdir, purge_step=purge)
+        os.makedirs(logdir, exist_ok=True)
+        self._event = Event
+        # The file is named by the second it opens in and the host; the suffix
+        # keeps a resume within that second from truncating the earlier file.
+        self._file = EventsWriter(os.path.join(logdir, "events"), f".{os.getpid()}.{time.time_ns()}")
+        if resume_step is not None:
+            self._file.write_event(Event(step=resume_step + 1, wall_time=time.time(),
+                                         session_log=SessionLog(status=SessionLog.START)))
+        self._file.flush()
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        from tensorboardX.summary import scalar
+
+        now = time.time()
         for k, v in metrics.items():
-            self._writer.add_scalar(k, v, step)
-        self._writer.flush()
+            self._file.write_event(self._event(step=step, wall_time=now, summary=scalar(k, v)))
+        self._file.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        self._file.close()
 
 
 def read_jsonl(path: str) -> list[dict]:

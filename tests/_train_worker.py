@@ -80,27 +80,35 @@ def run_steps(kind: str, steps: int, micro_batches: int = 1, poison_at: tuple[in
 
 
 class SlowData(ToyData):
-    """ToyData that sleeps before each batch, so a kill lands mid-run."""
+    """ToyData that sleeps before each batch, so a kill lands mid-run.
 
-    def __init__(self, sleep: float, **kw):
+    hang_at: before this batch index (0-based) it waits until the process is
+    killed, so the kill lands after step `hang_at` however late it comes.
+    """
+
+    def __init__(self, sleep: float, hang_at: int | None = None, **kw):
         super().__init__(**kw)
-        self.sleep = sleep
+        self.sleep, self.hang_at, self.served = sleep, hang_at, 0
 
     def __next__(self):
         time.sleep(self.sleep)
+        if self.served == self.hang_at:
+            while True:
+                time.sleep(60)
+        self.served += 1
         return super().__next__()
 
 
 def run(workdir: str, steps: int, *, ckpt_every: int = 0, sleep: float = 0.0,
         poison_at: tuple[int, ...] = (), nan_policy: str = "skip", log_every: int = 1,
-        eval_every: int = 0, async_save: bool = True):
+        eval_every: int = 0, async_save: bool = True, hang_at: int | None = None):
     """Trains (or resumes, if `workdir/ckpt` holds a checkpoint) to `steps`."""
     step, fresh_state, eval_fn = build("8", nan_policy)
     ckpt = None
     if ckpt_every:
         ckpt = Checkpointer(os.path.join(workdir, "ckpt"), save_every=ckpt_every, keep=3,
                             async_save=async_save)
-    data = SlowData(sleep, seed=1, poison_at=poison_at)
+    data = SlowData(sleep, hang_at, seed=1, poison_at=poison_at)
     try:
         return train(step, fresh_state(), data, num_steps=steps, workdir=workdir,
                      checkpointer=ckpt, eval_fn=eval_fn, eval_every=eval_every,
@@ -117,6 +125,7 @@ if __name__ == "__main__":
     p.add_argument("--ckpt-every", type=int, default=0)
     p.add_argument("--sleep", type=float, default=0.0)
     p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--hang-at", type=int, default=None)
     a = p.parse_args()
-    run(a.workdir, a.steps, ckpt_every=a.ckpt_every, sleep=a.sleep, eval_every=a.eval_every)
+    run(a.workdir, a.steps, ckpt_every=a.ckpt_every, sleep=a.sleep, eval_every=a.eval_every, hang_at=a.hang_at)
     print("DONE", flush=True)

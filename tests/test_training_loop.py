@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxalign.training import Checkpointer, NonFiniteError
-from jaxalign.training.metrics import TensorBoardWriter, read_jsonl
+from jaxalign.training.metrics import JsonlWriter, TensorBoardWriter, read_jsonl
 from tests._train_worker import build, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,6 +181,34 @@ def test_tensorboard_steps_are_on_disk_when_write_returns(tmp_path):
     second.close()
     first.close()
     assert len(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))) == 2
+
+
+def test_jsonl_resume_that_fails_midway_keeps_every_row(tmp_path, monkeypatch):
+    """Dropping the rows after the checkpoint rewrites the file; a failure there must not truncate it."""
+    from jaxalign.training import metrics
+
+    path = str(tmp_path / "metrics.jsonl")
+    w = JsonlWriter(path)
+    for step in range(1, 6):
+        w.write(step, {"loss": float(step)})
+    w.close()
+    calls = {"n": 0}
+    real_dumps = metrics.json.dumps
+
+    def dumps_then_fail(obj, *a, **k):  # as if the process died after the first rewritten row
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise KeyboardInterrupt
+        return real_dumps(obj, *a, **k)
+
+    monkeypatch.setattr(metrics.json, "dumps", dumps_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        JsonlWriter(path, resume_step=3)
+    monkeypatch.undo()
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3, 4, 5]
+    assert os.listdir(tmp_path) == ["metrics.jsonl"]  # no temporary file left
+    JsonlWriter(path, resume_step=3).close()
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3]
 
 
 def test_final_state_matches_numpy_checkpoint(tmp_path):

@@ -31,15 +31,23 @@ class JsonlWriter:
     """Appends `{"step": step, **metrics}` rows to `path`, flushed per row.
 
     resume_step: rows with a larger step (logged after the checkpoint that a
-    resumed run starts from) are removed when the writer opens.
+    resumed run starts from) are removed when the writer opens; the file is
+    rewritten aside and renamed over, so an interruption there loses no row.
     """
 
     def __init__(self, path: str, resume_step: int | None = None):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         if resume_step is not None and os.path.exists(path):
             kept = [r for r in read_jsonl(path) if r["step"] <= resume_step]
-            with open(path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
+            # Written aside and renamed over: a run killed here keeps the old file whole.
+            tmp = f"{path}.tmp.{os.getpid()}"
+            try:
+                with open(tmp, "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in kept)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
         self._file = open(path, "a")
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:

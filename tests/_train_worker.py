@@ -88,14 +88,13 @@ class SlowData(ToyData):
 
     def __init__(self, sleep: float, hang_at: int | None = None, **kw):
         super().__init__(**kw)
-        self.sleep, self.hang_at, self.served = sleep, hang_at, 0
+        self.sleep, self.hang_at = sleep, hang_at
 
     def __next__(self):
         time.sleep(self.sleep)
-        if self.served == self.hang_at:
+        if self.position == self.hang_at:
             while True:
                 time.sleep(60)
-        self.served += 1
         return super().__next__()
 
 

@@ -162,8 +162,6 @@ def test_resume_after_kill9_is_exact(tmp_path):
         assert tb["loss"][r["step"]] == pytest.approx(r["loss"], rel=1e-6), r["step"]
 
 
-
-
 def test_tensorboard_steps_are_on_disk_when_write_returns(tmp_path):
     """A killed run keeps every step it logged; a resume hides the steps after its checkpoint."""
     logdir = str(tmp_path)

@@ -77,9 +77,10 @@ class TensorBoardWriter:
     def __init__(self, logdir: str, resume_step: int | None = None):
         from tensorboardX.event_file_writer import EventsWriter
         from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.summary import scalar
 
         os.makedirs(logdir, exist_ok=True)
-        self._event = Event
+        self._event, self._scalar = Event, scalar  # imported here: tensorboardX loads only with a workdir
         # The file is named by the second it opens in and the host; the suffix
         # keeps a resume within that second from truncating the earlier file.
         self._file = EventsWriter(os.path.join(logdir, "events"), f".{os.getpid()}.{time.time_ns()}")
@@ -89,11 +90,9 @@ class TensorBoardWriter:
         self._file.flush()
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
-        from tensorboardX.summary import scalar
-
         now = time.time()
         for k, v in metrics.items():
-            self._file.write_event(self._event(step=step, wall_time=now, summary=scalar(k, v)))
+            self._file.write_event(self._event(step=step, wall_time=now, summary=self._scalar(k, v)))
         self._file.flush()
 
     def close(self) -> None:

@@ -137,11 +137,7 @@ class Transformer(nnx.Module):
                 masks[window] = make_attention_mask(slots, k_slots, k_valid, window, segment_ids, segment_ids)
             return masks[window]
 
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
-        if cfg.embed_scale:
-            x = x * jnp.asarray(cfg.hidden_size**0.5, self.dtype)
-        if cfg.positions == "learned":
-            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
+        x = self.embed_tokens(tokens, positions)
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
@@ -155,6 +151,16 @@ class Transformer(nnx.Module):
         cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=k_valid, index=slot + t,
                         next_pos=cache.next_pos + attention_mask.sum(-1).astype(jnp.int32))
         return x, cache
+
+    def embed_tokens(self, tokens: Array, positions: Array) -> Array:
+        """Input embeddings `[B, T, D]` of `tokens: [B, T]` at `positions: [B, T]` (learned positions added)."""
+        cfg = self.cfg
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        if cfg.embed_scale:
+            x = x * jnp.asarray(cfg.hidden_size**0.5, self.dtype)
+        if cfg.positions == "learned":
+            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
+        return x
 
     def logits(self, hidden: Array) -> Array:
         """Project hidden states `[B, T, D]` to float32 (or wider) logits `[B, T, V]`."""

@@ -336,9 +336,9 @@ def test_cpu_sampler_options_reach_the_compiler_and_keep_the_samples(llama, prom
 
 
 # The layer loop (`jaxalign.sampling.layer_loop`): runs of layers, a program per kind of run, called from
-# the host. case -> (variant, Hugging Face overrides, layers per run, kinds of run): Llama by single layers
-# and by a run of 3 and a run of 1; Gemma 3's alternating sliding / full attention (each with its RoPE) by
-# pairs, one kind of run; GPT-2's attention scaled by 1 / (layer + 1), each layer its own kind.
+# the host. case -> (variant, Hugging Face overrides, layers per run, kinds of run): Llama by a run of 3 and a
+# run of 2; Gemma 3's alternating sliding / full attention (each with its RoPE) by pairs, one kind of run;
+# GPT-2's attention scaled by 1 / (layer + 1) by single layers, each its own kind.
 GEMMA3_4 = dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2)
 LAYER_LOOP_CASES = {
     "llama-by-3": ("llama", dict(num_hidden_layers=5), 3, 2),

@@ -49,12 +49,14 @@ import workloads  # noqa: E402
 VENVS = ROOT / ".bench-venvs"
 PEERS = ("trl", "tunix")
 WORKLOADS = ("dpo_step", "grpo_step_g4", "grpo_step_g8", "sample")
-# jaxalign-only scaling on SmolLM2: DPO step time against sequence length and batch.
+# jaxalign-only scaling on SmolLM2: DPO step time against sequence length and batch; and the sampler as
+# one program for the whole generation instead of its default layer loop (docs/sampling.md).
 SCALING = {
     "dpo_step@L64": dict(prompt_len=32, completion_len=32),
     "dpo_step@L256": dict(prompt_len=128, completion_len=128),
     "dpo_step@B1": dict(pairs=1),
     "dpo_step@B4": dict(pairs=4),
+    "sample@one_program": dict(layer_loop=False),
 }
 HIGHER_IS_BETTER = {"tokens_per_s", "mfu", "train_mfu", "matmul_mfu"}
 JAX_FRAMEWORKS = ("jaxalign", "tunix")

@@ -40,6 +40,8 @@ def dpo_scaling(rows: list[dict], model: str = "smollm2") -> dict[str, list[tupl
              if r["framework"] == "jaxalign" and r["metric"] == "step_time"}
     series = {"length": [], "batch": []}
     for name, override in {"dpo_step": {}, **SCALING}.items():
+        if name.split("@")[0] != "dpo_step":
+            continue
         t = times.get(f"{name}/{model}")
         if t is None or not math.isfinite(t):
             continue

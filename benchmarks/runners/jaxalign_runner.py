@@ -334,7 +334,7 @@ def sample(model_dir: str, model_name: str, s: dict) -> list[dict]:
     # Compile (or load from the cache) before the weights are read, so the compiler's peak
     # does not stack on them: the shapes are known up front (docs/sampling.md).
     abstract, cfg = abstract_hf(model_dir)
-    sampler = Sampler(abstract)
+    sampler = Sampler(abstract, layer_loop=s.get("layer_loop"))  # None: the default (docs/sampling.md)
     t = time.perf_counter()
     sampler.precompile(s["batch"], s["prompt_len"], max_new_tokens=s["new_tokens"], rng=jax.random.PRNGKey(0))
     compile_s = time.perf_counter() - t

@@ -7,7 +7,10 @@
 One call is: prefill the B left-padded prompts once, repeat the cache n times
 along the batch (the GRPO group shares its prompt's keys and values), then a
 `lax.while_loop` that feeds one token per step and stops when every row has
-emitted an EOS or `max_new_tokens` is reached.
+emitted an EOS or `max_new_tokens` is reached. That is one program for a small
+model; a deep one runs the same steps by runs of layers, a program per kind of
+run driven from the host (`layer_loop.py`), so its programs hold a few layers
+whatever the depth.
 
 A trainer holds params as a pytree (sharded on its mesh); `Sampler(model)`
 keeps only the static graph definition, and `sampler(params, ...)` runs on

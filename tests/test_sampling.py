@@ -1,5 +1,7 @@
 """The sampler against teacher forcing: log-probs, masks, EOS, n samples, keys, compiles, sharding."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -212,13 +214,9 @@ def test_precompile_on_the_abstract_model_serves_the_loaded_params(llama, prompt
         sampler(nnx.state(abstract, nnx.Param), *prompts, rng=jax.random.key(4), **options)
 
 
-def test_precompile_leaves_the_first_call_nothing_to_compile(llama, prompts):
-    """Besides its program, a call runs small ops (the cut of the bucket-wide outputs to max_new_tokens,
-    the prompts repeated n times), each an XLA program compiled at first use. `precompile` runs them on
-    zeros, so the first call with the loaded params compiles nothing."""
-    model, _, path = llama
-    abstract, _ = abstract_hf(path)
-    options = dict(max_new_tokens=11, n=3, eos_ids=(EOS,))  # shapes no other test samples with
+@contextlib.contextmanager
+def recorded_compiles():
+    """A list that gets the duration of every XLA compile while the block runs."""
     compiles = []
 
     def listener(name, seconds, **kwargs):
@@ -227,6 +225,19 @@ def test_precompile_leaves_the_first_call_nothing_to_compile(llama, prompts):
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_precompile_leaves_the_first_call_nothing_to_compile(llama, prompts):
+    """Besides its program, a call runs small ops (the cut of the bucket-wide outputs to max_new_tokens,
+    the prompts repeated n times), each an XLA program compiled at first use. `precompile` runs them on
+    zeros, so the first call with the loaded params compiles nothing."""
+    model, _, path = llama
+    abstract, _ = abstract_hf(path)
+    options = dict(max_new_tokens=11, n=3, eos_ids=(EOS,))  # shapes no other test samples with
+    with recorded_compiles() as compiles:
         sampler = Sampler(abstract)
         sampler.precompile(*prompts[0].shape, **options)
         assert compiles, "precompile compiled nothing"
@@ -240,8 +251,6 @@ def test_precompile_leaves_the_first_call_nothing_to_compile(llama, prompts):
         # outputs to another width, which compiles at the call.
         sampler(params, *prompts, rng=jax.random.key(5), **{**options, "max_new_tokens": 9})
         assert compiles
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_rejects_right_padding(llama, prompts):
@@ -430,19 +439,10 @@ def test_layer_loop_precompile_leaves_the_first_call_nothing_to_compile(llama, p
     before = compile_stats().count
     sampler.precompile(*prompts[0].shape, **options)
     assert compile_stats().count > before  # (programs holding no layer may come from other tests' calls)
-    compiles = []
-
-    def listener(name, seconds, **kwargs):
-        if name == "/jax/core/compile/backend_compile_duration":
-            compiles.append(seconds)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with recorded_compiles() as compiles:
         out = sampler(nnx.state(model, nnx.Param), *prompts, rng=jax.random.key(8), **options)
         jax.block_until_ready(out.completions)
-        assert compiles == []
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
     ref = Sampler(model, layer_loop=False)(nnx.state(model, nnx.Param), *prompts, rng=jax.random.key(8), **options)
     np.testing.assert_array_equal(np.asarray(out.completions), np.asarray(ref.completions))
 

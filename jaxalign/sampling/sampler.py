@@ -35,9 +35,9 @@ from jaxalign.host import sampler_compiler_options
 from jaxalign.models import KVCache
 from jaxalign.sampling.buckets import bucket_length, check_left_padded, left_pad
 from jaxalign.sampling import decoding
-from jaxalign.sampling.layer_loop import LayerLoop, wanted
 from jaxalign.sampling.decoding import (Draw, Loop, Static, compiled, grow_kv, grow_rows, keep_going, outputs, record,
                                         spec, start)
+from jaxalign.sampling.layer_loop import LayerLoop, wanted
 
 Array = jax.Array
 
@@ -109,7 +109,7 @@ class Sampler:
         (`layer_loop.py`), instead of one program for the whole generation.
         The programs then hold a few layers whatever the depth: SmolLM2-135M's
         compile takes 2 s instead of 14 and its first call's peak memory is
-        ~50 MiB lower, at the same tokens/s (docs/sampling.md). None: on for a
+        ~60 MiB lower, at the same tokens/s (docs/sampling.md). None: on for a
         `Transformer` whose decoder makes at least `layer_loop.MIN_RUNS` runs.
         Params spread over more than one device always run as one program.
       layers_per_run: layers per run (default `layer_loop.layers_per_run`).
@@ -244,7 +244,7 @@ class Sampler:
         width = prompts.shape[1]
         padded, padded_mask = left_pad(prompts, prompt_mask, bucket_length(width), pad_id)
         static = Static(n=n, buffer=bucket_length(max_new_tokens), greedy=greedy, use_top_k=top_k is not None,
-                         use_top_p=top_p is not None, raw_logprobs=return_raw_logprobs)
+                        use_top_p=top_p is not None, raw_logprobs=return_raw_logprobs)
         # Host scalars as NumPy: a jnp scalar would be one more compiled program per dtype.
         args = (params, self.rest, padded, padded_mask, rng, np.float32(temperature),
                 np.int32(top_k or 0), np.float32(1.0 if top_p is None else top_p), np.int32(max_new_tokens),

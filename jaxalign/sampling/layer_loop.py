@@ -1,27 +1,27 @@
-"""Generation with one compiled program per kind of layer, run layer after layer from the host.
+"""Generation by runs of layers: one compiled program per kind of run, called run after run from the host.
 
 The one-program sampler (`sampler._rollout`) holds the decoder twice (the
 prefill and the decode loop's body), unrolled layer by layer: its program,
 its compile time and the compiler's memory grow with the depth (about
 2.1 MB of executable and 0.45 s of compile per layer on XLA:CPU,
-docs/sampling.md). Here a layer is compiled once (per kind: layers that
-differ only in their weights share a program) and called for each layer
-with that layer's weights, so the programs hold one layer whatever the
-depth:
+docs/sampling.md). Here the decoder is cut into runs of a few consecutive
+layers; a run is compiled once per kind (runs whose layers differ only in
+their weights share a program) and called with its layers' weights, so the
+programs hold a few layers whatever the depth:
 
-    prefill_embed                         prompts -> x, positions
-    prefill_layer  (once per layer)       x -> x, that layer's cache (repeated n times, full width)
+    prefill_embed                          prompts -> x, positions
+    prefill_layers (once per run)          x -> x, the run's caches (repeated n times, full width)
     first          final norm, LM head, column 0 of the output
-    decode_embed   \\
-    decode_layer    | once per new token, while a row lacks its EOS and budget is left
-    decode_head    /   (decode_layer once per layer; it updates that layer's cache in place)
+    decode_embed    \
+    decode_layers    | once per new token, while a row lacks its EOS and budget is left
+    decode_head     /  (decode_layers once per run; it writes the run's caches in place)
     finish         the outputs
 
 The loop state and the token pick are `decoding`'s, as in the one-program
 sampler, so both draw the same tokens from the same logits. The price is a
-host round trip per token and one dispatch per layer and token: nothing for
-a model whose layer takes milliseconds, a loss for a tiny one; `Sampler`
-chooses (see `wanted`).
+host round trip per token and a dispatch (~0.2 ms on XLA:CPU) per run and
+token: nothing once a run takes milliseconds (`layers_per_run`), a loss for
+a tiny model; `Sampler` chooses (`wanted`).
 """
 
 from __future__ import annotations

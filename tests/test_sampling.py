@@ -359,8 +359,8 @@ LAYER_LOOP_CASES = {
 @pytest.mark.parametrize("case", sorted(LAYER_LOOP_CASES))
 def test_layer_loop_samples_what_the_one_program_samples(tmp_path, case):
     """Same tokens, masks, lengths and log-probs as the one-program sampler, with n samples, filters, raw
-    log-probs, left padding, rows that stop early and a batch that ends before its budget; one compiled
-    program per kind of run, whatever the depth."""
+    log-probs, left padding, rows that stop early and (greedy, on GPT-2) a batch that ends before its
+    budget; one compiled program per kind of run, whatever the depth."""
     from jaxalign.sampling import decoding
 
     variant, overrides, per_run, kinds = LAYER_LOOP_CASES[case]
@@ -399,6 +399,8 @@ def test_layer_loop_samples_what_the_one_program_samples(tmp_path, case):
     assert sorted(compiles) == ["decode_layers"] * kinds + ["prefill_layers"] * kinds
     np.testing.assert_array_equal(np.asarray(out.lengths), stops(tokens, eos_ids))
     assert np.asarray(out.lengths)[0] <= 3  # rows stop early
+    if case != "gpt2-by-1":  # (once is enough: two more compiles of each sampler)
+        return
     # Every row's fourth greedy token ends it: the host loop stops before the budget.
     rows = prompts[0].shape[0]
     greedy = np.asarray(run(one, greedy=True, eos_ids=(never,) * rows).completions)

@@ -123,6 +123,12 @@ def spec(x) -> tuple:
     return (tuple(x.shape), x.dtype, getattr(x, "sharding", None))
 
 
+def out_shapes(program) -> Any:
+    """A compiled program's outputs as `ShapeDtypeStruct`s with their shardings (to compile the next one)."""
+    return jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
+                        program.out_info, program.output_shardings)
+
+
 def compiled(key: Any, fn: Callable, args: tuple, options: dict | None, donate_argnums: tuple[int, ...] = ()):
     """`jit(fn)` compiled for `args` (arrays or `ShapeDtypeStruct`s), once per `key` in the process."""
     if key not in _compiled:

@@ -38,7 +38,7 @@ from flax import nnx
 from jaxalign.models import KVCache, Transformer
 from jaxalign.models.layers import default_positions, make_attention_mask
 from jaxalign.sampling.decoding import Draw, Loop, Static, compiled, grow_kv, grow_rows, keep_going, outputs, record
-from jaxalign.sampling.decoding import spec, start
+from jaxalign.sampling.decoding import out_shapes, spec, start
 
 Array = jax.Array
 
@@ -88,7 +88,6 @@ class LayerLoop:
         if not isinstance(model, Transformer):
             raise ValueError(f"the layer loop runs jaxalign's Transformer, not {type(model).__name__}")
         cfg = model.cfg
-        self.cfg = cfg
         self.layer_leaves: list[list[int]] = [[] for _ in range(cfg.num_layers)]
         self.top_leaves: list[int] = []
         for i, path in enumerate(leaf_paths):
@@ -155,8 +154,7 @@ class LayerLoop:
                        tuple(spec(x) for x in jax.tree.leaves(args)), opts)
                 program = programs[name] = compiled(key, fn, args, options, donate)
             if compile_only:  # what comes out: shapes and shardings, for the next program's compile
-                return jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
-                                    program.out_info, program.output_shardings)
+                return out_shapes(program)
             return program(*args)
 
         top, layers = self.split(leaves)

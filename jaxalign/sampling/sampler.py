@@ -35,8 +35,8 @@ from jaxalign.host import sampler_compiler_options
 from jaxalign.models import KVCache
 from jaxalign.sampling.buckets import bucket_length, check_left_padded, left_pad
 from jaxalign.sampling import decoding
-from jaxalign.sampling.decoding import (Draw, Loop, Static, compiled, grow_kv, grow_rows, keep_going, outputs, record,
-                                        spec, start)
+from jaxalign.sampling.decoding import (Draw, Loop, Static, compiled, grow_kv, grow_rows, keep_going, out_shapes,
+                                        outputs, record, spec, start)
 from jaxalign.sampling.layer_loop import LayerLoop, wanted
 
 Array = jax.Array
@@ -206,9 +206,7 @@ class Sampler:
             out = self.layer_loop.run(static, jax.tree.leaves(args[0]), args[2], args[3], args[4:],
                                       sampler_compiler_options(_device(args[2]).platform), compile_only=True)
         else:
-            program = self._executable(static, args)
-            out = jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
-                               program.out_info, program.output_shardings)
+            out = out_shapes(self._executable(static, args))
         # A call also runs a few small ops around the program (the cut to max_new_tokens, the prompts
         # repeated n times), each compiled at its first use. Running them here on zeros of the outputs'
         # shapes compiles them now too, so the first call compiles nothing on top of the weights.

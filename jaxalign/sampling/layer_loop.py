@@ -125,10 +125,13 @@ class LayerLoop:
         if per_program < 1:
             raise ValueError(f"per_program must be >= 1, got {per_program}")
         self.per_program = per_program
-        self.chunks: list[tuple[int, int, tuple[int, ...]]] = []  # (first layer, end, kinds)
+        # (first layer, end, kinds, their graphdefs, their treedefs): built once, read on every call.
+        self.chunks: list[tuple[int, int, tuple[int, ...], tuple, tuple]] = []
         for first in range(0, cfg.num_layers, per_program):
             end = min(first + per_program, cfg.num_layers)
-            self.chunks.append((first, end, tuple(self.kind_of[first:end])))
+            kinds = tuple(self.kind_of[first:end])
+            self.chunks.append((first, end, kinds, tuple(self.kinds[k][0] for k in kinds),
+                                tuple(self.kinds[k][1] for k in kinds)))
 
     def split(self, leaves: list) -> tuple[tuple, list[tuple]]:
         """The sampler's param leaves -> (the top's leaves, each layer's leaves)."""
@@ -163,10 +166,9 @@ class LayerLoop:
         x, positions = call("prefill_embed", self.top_graphdef,
                             functools.partial(_prefill_embed, self.top_graphdef, self.top_treedef),
                             (top, prompts, prompt_mask))
-        ks, vs, runs = [], [], []
-        for first, end, kinds in self.chunks:
-            graphdefs, treedefs = tuple(self.kinds[k][0] for k in kinds), tuple(self.kinds[k][1] for k in kinds)
-            runs.append((kinds, graphdefs, treedefs, tuple(layers[first:end])))
+        ks, vs = [], []
+        runs = [(kinds, graphdefs, treedefs, tuple(layers[first:end]))
+                for first, end, kinds, graphdefs, treedefs in self.chunks]
         for kinds, graphdefs, treedefs, params in runs:
             x, k, v = call(("prefill_layers", kinds), (graphdefs, static.n, max_len),
                            functools.partial(_prefill_layers, graphdefs, treedefs, static.n, max_len),

@@ -36,6 +36,13 @@ def test_matmul_mfu_counts_the_reference_and_the_forward_backward_only():
     assert [(r["metric"], r["value"]) for r in got] == [("matmul_mfu", 75.0)]  # 60e9 / 0.8 s / 100e9
 
 
+def test_paired_mfu_takes_each_round_against_its_own_gemm_rate():
+    # rounds: 60e9 / 0.8 s / 100e9 = 75%, 60e9 / 0.5 / 200e9 = 60%, 60e9 / 1.0 / 50e9 = 120%; median 75%
+    assert jaxalign_runner.paired_mfu(60e9, [0.8, 0.5, 1.0], [100.0, 200.0, 50.0]) == pytest.approx(75.0)
+    with pytest.raises(ValueError):
+        jaxalign_runner.paired_mfu(60e9, [0.8, 0.5], [100.0])
+
+
 def test_ratios_read_as_jaxalign_ahead_when_above_one():
     rows = [_row("dpo/m", "jaxalign", "step_time", 1.0), _row("dpo/m", "trl", "step_time", 3.0),
             _row("s/m", "jaxalign", "tokens_per_s", 10.0, "tok/s"), _row("s/m", "trl", "tokens_per_s", 40.0, "tok/s"),

@@ -155,13 +155,50 @@ def _loss_and_grad(loss_fn, model_def, params, arrays, static: dict | None = Non
     return jax.jit(jax.value_and_grad(loss)).lower(params, arrays).compile(options)
 
 
-def _in_turn(parts: dict, step, state, batch, s: dict) -> tuple[dict[str, list[float]], Any]:
+def gemm_rate():
+    """A callable that measures XLA's f32 GEMM rate now, in GFLOP/s: the faster of a 1024² and a
+    2048² product, each the median of three runs. `_in_turn` calls it between the parts, so that
+    each round's part times have a ceiling measured seconds away on a machine whose speed drifts."""
+    import jax
+    import jax.numpy as jnp
+
+    products = []
+    for n in (1024, 2048):
+        a = jnp.ones((n, n), jnp.float32)
+        f = jax.jit(lambda a, b: a @ b)
+        f(a, a).block_until_ready()
+        products.append((n, f, a))
+
+    def rate() -> float:
+        best = 0.0
+        for n, f, a in products:
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                f(a, a).block_until_ready()
+                times.append(time.perf_counter() - t)
+            best = max(best, 2 * n ** 3 / _median(times) / 1e9)
+        return best
+
+    return rate
+
+
+def paired_mfu(flops: float, part_times: list[float], rates: list[float]) -> float:
+    """Median over rounds of `flops / part_time / rate` (in %): each round's time against the GEMM
+    rate measured in the same round (GFLOP/s)."""
+    return _median([100.0 * flops / t / (r * 1e9) for t, r in zip(part_times, rates, strict=True)])
+
+
+def _in_turn(parts: dict, step, state, batch, s: dict, rate=None) -> tuple[dict[str, list[float]], Any]:
     """Runs each of `parts` (state -> arrays) and then the train step, in turn, `warmup` + `steps`
-    times; the wall times of the last `steps` rounds per part (the step's under "step")."""
+    times; the wall times of the last `steps` rounds per part (the step's under "step"), and with
+    `rate` (see `gemm_rate`) each round's GEMM rate under "gflops", measured before its parts."""
     import jax
 
-    times: dict[str, list[float]] = {name: [] for name in (*parts, "step")}
+    times: dict[str, list[float]] = {name: [] for name in (*parts, "step", "gflops")}
     for i in range(s["warmup"] + s["steps"]):
+        if rate is not None and i >= s["warmup"]:
+            times["gflops"].append(rate())
         for name, fn in parts.items():
             t = time.perf_counter()
             jax.block_until_ready(fn(state))
@@ -173,6 +210,14 @@ def _in_turn(parts: dict, step, state, batch, s: dict) -> tuple[dict[str, list[f
         if i >= s["warmup"]:
             times["step"].append(time.perf_counter() - t)
     return times, state
+
+
+def _paired_rows(workload: str, model_name: str, flops: float, matmul_times: list[float],
+                 rates: list[float]) -> list[dict]:
+    note = f"each round against the GEMM rate measured in it: {', '.join(f'{r:.1f}' for r in rates)} GFLOP/s"
+    return [workloads.row(workload, model_name, FW, "paired_ceiling", _median(rates), "GFLOP/s", note=note),
+            workloads.row(workload, model_name, FW, "matmul_mfu_paired", paired_mfu(flops, matmul_times, rates), "%",
+                          note=note)]
 
 
 def dpo_parts(model_dir: str, model_name: str, s: dict) -> list[dict]:
@@ -191,7 +236,7 @@ def dpo_parts(model_dir: str, model_name: str, s: dict) -> list[dict]:
     fwd_bwd = _loss_and_grad(loss_fn, model_def, state.params, arrays, {"score_width": width})
     times, state = _in_turn({"reference": lambda st: dpo.attach_reference(batch, ref_fn=ref_fn),
                              "fwd_bwd": lambda st: fwd_bwd(st.params, arrays)},
-                            step, state, full, s)
+                            step, state, full, s, rate=gemm_rate())
     length = s["prompt_len"] + s["completion_len"]
     forward = forward_flops(cfg, 2 * s["pairs"] * length, length, head_tokens=2 * s["pairs"] * width)
     ref_t, fb_t, step_t = (_median(times[k]) for k in ("reference", "fwd_bwd", "step"))
@@ -203,7 +248,9 @@ def dpo_parts(model_dir: str, model_name: str, s: dict) -> list[dict]:
             workloads.row("dpo_parts", model_name, FW, "optimizer_time", step_t - fb_t, "s",
                           note="train step less forward/backward: gradient norm, NaN guard, AdamW"),
             workloads.row("dpo_parts", model_name, FW, "matmul_time", ref_t + fb_t, "s", note=note),
-            workloads.row("dpo_parts", model_name, FW, "matmul_flops", 4 * forward, "FLOP", note=note)]
+            workloads.row("dpo_parts", model_name, FW, "matmul_flops", 4 * forward, "FLOP", note=note),
+            *_paired_rows("dpo_parts", model_name, 4 * forward,
+                          [r + f for r, f in zip(times["reference"], times["fwd_bwd"])], times["gflops"])]
 
 
 class GRPOSetup(NamedTuple):
@@ -310,7 +357,8 @@ def grpo_parts(model_dir: str, model_name: str, s: dict, workload: str) -> list[
     train_batch = step.last_batch
     arrays = train_step.place_batch(train_batch)
     fwd_bwd = _loss_and_grad(loss_fn, model_def, state.params, arrays)
-    times, state = _in_turn({"fwd_bwd": lambda st: fwd_bwd(st.params, arrays)}, train_step, state, train_batch, s)
+    times, state = _in_turn({"fwd_bwd": lambda st: fwd_bwd(st.params, arrays)}, train_step, state, train_batch, s,
+                            rate=gemm_rate())
     fb_t, step_t = _median(times["fwd_bwd"]), _median(times["step"])
     note = "policy forward/backward on one rollout batch, no optimizer"
     return [workloads.row(workload, model_name, FW, "fwd_bwd_time", fb_t, "s"),
@@ -320,7 +368,8 @@ def grpo_parts(model_dir: str, model_name: str, s: dict, workload: str) -> list[
                           note="train step less forward/backward: gradient norm, NaN guard, AdamW"),
             workloads.row(workload, model_name, FW, "matmul_time", fb_t, "s", note=note),
             workloads.row(workload, model_name, FW, "matmul_flops", _grpo_train_flops(mcfg, s), "FLOP",
-                          note=note)]
+                          note=note),
+            *_paired_rows(workload, model_name, _grpo_train_flops(mcfg, s), times["fwd_bwd"], times["gflops"])]
 
 
 def sample(model_dir: str, model_name: str, s: dict) -> list[dict]:

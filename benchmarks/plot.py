@@ -139,7 +139,8 @@ def plot(rows: list[dict], path: str | Path) -> Path:
         ax.legend(fontsize=8)
 
     ax = axes[1, 1]
-    mfu = [r for r in rows if r["framework"] == "jaxalign" and r["metric"] in ("mfu", "train_mfu", "matmul_mfu", "matmul_mfu_paired")
+    metrics = ("mfu", "train_mfu", "matmul_mfu", "matmul_mfu_paired")
+    mfu = [r for r in rows if r["framework"] == "jaxalign" and r["metric"] in metrics
            and r["workload"].endswith("/smollm2") and math.isfinite(r["value"])]
     names = [f"{r['workload'].split('/')[0]} {r['metric']}" for r in mfu]
     if not mfu:
@@ -147,11 +148,13 @@ def plot(rows: list[dict], path: str | Path) -> Path:
     ax.barh(range(len(mfu)), [r["value"] for r in mfu],
             color=["tab:blue" if r["value"] >= MFU_TARGET else "tab:gray" for r in mfu])
     ax.axvline(MFU_TARGET, color="tab:red", ls="--", label=f"target {MFU_TARGET:.0f}%")
+    for i, r in enumerate(mfu):
+        ax.text(r["value"], i, f" {r['value']:.1f}%", va="center", fontsize=7)
     ax.set_yticks(range(len(mfu)), names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, max([100.0] + [1.05 * r["value"] for r in mfu]))
-    ax.set_xlabel("% of the f32 GEMM ceiling (the run's; _paired: measured in turn with the parts)")
-    ax.set_title("jaxalign MFU, SmolLM2-135M\n(mfu: whole step; train_mfu: less generation; matmul_mfu: GEMM part)",
+    ax.set_xlabel("% of the f32 GEMM ceiling\n(the run's; _paired: a GEMM timed in turn with the parts)")
+    ax.set_title("jaxalign MFU, SmolLM2-135M\n(mfu: step; train_mfu: less rollout; matmul_mfu: GEMM-bound part)",
                  fontsize=10)
     ax.grid(alpha=0.3, axis="x")
     ax.legend(fontsize=8)

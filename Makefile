@@ -33,7 +33,7 @@ demo: $(VENV)/.runtime
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
-# jaxalign vs TRL and Tunix (side venvs in .bench-venvs/, torch==2.13.0 CPU), 20-45 min on 2 cores:
+# jaxalign vs TRL and Tunix (side venvs in .bench-venvs/, torch==2.13.0 CPU), 18-45 min on 2 cores:
 # prints the table, writes results/bench.{json,md,png}.
 bench: $(VENV)/.test
 	$(BIN)/python -m benchmarks.bench

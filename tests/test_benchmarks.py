@@ -201,11 +201,9 @@ def test_gemm_shapes_cover_the_step_flops_the_mfu_counts():
     """benchmarks/gemm_shapes.py: its GEMMs are the forward and backward the MFU counts, less attention."""
     from benchmarks import gemm_shapes
 
-    d = gemm_shapes.Dims()
-    cfg = tiny_config("llama", hidden_size=d.hidden, intermediate_size=d.intermediate, num_hidden_layers=d.layers,
-                      num_attention_heads=d.heads, num_key_value_heads=d.kv_heads, head_dim=d.head_dim,
-                      vocab_size=d.vocab)
-    gemms = gemm_shapes.step_gemms(d, rows=256, head_rows=128)
+    cfg = tiny_config("llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,  # SmolLM2-135M's
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152)
+    gemms = gemm_shapes.step_gemms(cfg, rows=256, head_rows=128)
     assert sum(g.flops for g in gemms) == 3 * jaxalign_runner.forward_flops(cfg, 256, context=0, head_tokens=128)
     by_name = {g.name: g for g in gemms}
     assert by_name["gate/up xᵀ·dy"].flops == 2 * 576 * 256 * 1536 * 2 * 30  # x^T dy: K=rows, count 2 per layer

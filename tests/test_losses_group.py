@@ -129,7 +129,7 @@ def test_dapo_clip_higher():
 def test_dapo_is_grpo_without_kl_and_token_mean():
     lp, old, _, adv, mask = _grpo_inputs(4)
     a, _ = jax.jit(dapo_loss)(lp, old, adv, mask)
-    b, _ = grpo_loss(lp, old, None, adv, mask, beta=0.0, clip_eps=0.2, clip_eps_high=0.28, agg="token-mean")
+    b, _ = grpo_loss(lp, old, None, adv, mask, beta=0.0, clip_eps_low=0.2, clip_eps_high=0.28, agg="token-mean")
     per_token = ref_policy_per_token(lp, old, adv, 0.2, 0.28)
     np.testing.assert_allclose(a, ref_aggregate(per_token, mask, "token-mean"), rtol=RTOL32)
     np.testing.assert_array_equal(a, b)

@@ -41,7 +41,7 @@ def _policy_inputs(seed, per_sequence=False):
 )
 def test_policy_loss_matches_reference(eps_high, dual, per_sequence, agg):
     lp, old, adv, mask = _policy_inputs(0, per_sequence)
-    fn = functools.partial(ppo_policy_loss, clip_eps=0.2, clip_eps_high=eps_high, dual_clip=dual, agg=agg)
+    fn = functools.partial(ppo_policy_loss, clip_eps_low=0.2, clip_eps_high=eps_high, dual_clip=dual, agg=agg)
     loss, metrics = jax.jit(fn)(lp, old, adv, mask)
     hi = 0.2 if eps_high is None else eps_high
     per_token = ref_policy_per_token(lp, old, adv, 0.2, hi, dual)

@@ -288,7 +288,7 @@ def build_grpo(model_dir: str, s: dict) -> GRPOSetup:
         return np.asarray([workloads.reward(row[-n:]) for row in np.asarray(rollout.tokens)], np.float32)
 
     cfg = group.preset("grpo", group_size=g, prompts_per_step=s["prompts"], beta=workloads.GRPO_BETA,
-                       clip_eps=workloads.GRPO_EPS, sampling=SamplingConfig(max_new_tokens=n, temperature=1.0))
+                       clip_eps_low=workloads.GRPO_EPS, sampling=SamplingConfig(max_new_tokens=n, temperature=1.0))
     reference = clone_model(model)
     ref_params = nnx.to_pure_dict(nnx.state(reference, nnx.Param))  # GroupStep keeps its own copy
     optimizer = training.make_optimizer(training.OptimConfig(lr=workloads.LR, schedule="constant",

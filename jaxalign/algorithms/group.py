@@ -51,7 +51,7 @@ class GroupConfig:
     group_size: G samples per prompt. prompts_per_step: groups per batch.
     scale: `group_advantages` scale (`group`, `batch`, `none`).
     beta, kl: KL-to-reference weight and estimator; β = 0 loads no reference.
-    agg: loss aggregation mode. clip_eps, clip_eps_high: ε_low, ε_high.
+    agg: loss aggregation mode. clip_eps_low, clip_eps_high: ε_low, ε_high.
     mu: optimiser steps per rollout (ratio against the sampling policy).
     dynamic_sampling: keep only groups whose rewards differ, drawing more
       prompts until the batch is full or `max_sampling_rounds` is reached
@@ -68,7 +68,7 @@ class GroupConfig:
     beta: float = 0.04
     kl: str = "k3"
     agg: str = "seq-mean-token-mean"
-    clip_eps: float = 0.2
+    clip_eps_low: float = 0.2
     clip_eps_high: float | None = None
     mu: int = 1
     dynamic_sampling: bool = False
@@ -78,10 +78,10 @@ class GroupConfig:
 
 
 PRESETS = {
-    "grpo": dict(scale="group", beta=0.04, kl="k3", agg="seq-mean-token-mean", clip_eps=0.2, clip_eps_high=None),
-    "dr_grpo": dict(scale="none", beta=0.04, kl="k3", agg="seq-mean-token-sum-norm", clip_eps=0.2,
+    "grpo": dict(scale="group", beta=0.04, kl="k3", agg="seq-mean-token-mean", clip_eps_low=0.2, clip_eps_high=None),
+    "dr_grpo": dict(scale="none", beta=0.04, kl="k3", agg="seq-mean-token-sum-norm", clip_eps_low=0.2,
                     clip_eps_high=None),
-    "dapo": dict(scale="group", beta=0.0, agg="token-mean", clip_eps=0.2, clip_eps_high=0.28,
+    "dapo": dict(scale="group", beta=0.0, agg="token-mean", clip_eps_low=0.2, clip_eps_high=0.28,
                  dynamic_sampling=True, overlong_filter=True),
 }
 
@@ -111,7 +111,7 @@ def make_group_loss_fn(cfg: GroupConfig):
         logps = token_logprobs(logits, batch["tokens"][:, -width:])
         mask = batch["loss_mask"][:, -width:].astype(jnp.float32) * batch["weights"][:, None]
         parts, metrics = grpo_loss(logps, batch["old_logps"], batch.get("ref_logps"), batch["advantages"], mask,
-                                   clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, beta=cfg.beta,
+                                   clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high, beta=cfg.beta,
                                    kl=cfg.kl, agg=cfg.agg, return_parts=True)
         metrics["entropy"] = entropy_from_logits(logits, mask)
         return parts, metrics

@@ -71,7 +71,7 @@ class PPOConfig:
     kl_estimator: str = "k1"
     gamma: float = 1.0
     lam: float = 0.95
-    clip_eps: float = 0.2
+    clip_eps_low: float = 0.2
     value_clip: float | None = 0.2
     vf_coef: float = 0.1
     epochs: int = 2
@@ -107,7 +107,7 @@ def make_ppo_loss_fn(cfg: PPOConfig):
                            attention_mask=batch["attention_mask"])[:, :-1]
         mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
         (pn, den), pm = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask,
-                                        clip_eps=cfg.clip_eps, return_parts=True)
+                                        clip_eps_low=cfg.clip_eps_low, return_parts=True)
         (vn, _), vm = ppo_value_loss(values, batch["old_values"], batch["returns"], mask, clip=cfg.value_clip,
                                      return_parts=True)
         metrics = {**pm, **{f"value_{k}": v for k, v in vm.items()},

@@ -76,7 +76,7 @@ def grpo_loss(
     advantages: Array,
     mask: Array,
     *,
-    clip_eps: float = 0.2,
+    clip_eps_low: float = 0.2,
     clip_eps_high: float | None = None,
     beta: float = 0.04,
     kl: str = "k3",
@@ -101,7 +101,7 @@ def grpo_loss(
       mask: `[batch, time]` 1 on completion tokens. To drop a sample (overlong
         filtering, dynamic sampling) zero its row: `mask * keep[:, None]`; an
         all-zero row is absent in every `agg` mode.
-      clip_eps, clip_eps_high: ε_low and ε_high (defaults to ε_low).
+      clip_eps_low, clip_eps_high: ε_low and ε_high (defaults to ε_low).
       beta: KL weight β ≥ 0.
       kl: estimator name, see `jaxalign.losses.kl.KL_ESTIMATORS`.
       agg, norm_len: reduction, see `jaxalign.losses.aggregation`.
@@ -117,9 +117,9 @@ def grpo_loss(
     """
     if beta and ref_logps is None:
         raise ValueError("grpo_loss: beta > 0 needs ref_logps")
-    clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    clip_eps_high = clip_eps_low if clip_eps_high is None else clip_eps_high
     per_token, metrics = clipped_surrogate(
-        logps, old_logps, advantages, mask, clip_eps_low=clip_eps, clip_eps_high=clip_eps_high
+        logps, old_logps, advantages, mask, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high
     )
     if ref_logps is not None:
         # Padding may hold garbage log-probs: select before the estimator.
@@ -167,7 +167,7 @@ def dapo_loss(
     """
     return grpo_loss(
         logps, old_logps, None, advantages, mask,
-        clip_eps=clip_eps_low, clip_eps_high=clip_eps_high, beta=0.0,
+        clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, beta=0.0,
         agg=agg, norm_len=norm_len, return_parts=return_parts,
     )
 

@@ -85,7 +85,7 @@ def ppo_policy_loss(
     advantages: Array,
     mask: Array,
     *,
-    clip_eps: float = 0.2,
+    clip_eps_low: float = 0.2,
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
     agg: str = "token-mean",
@@ -105,7 +105,7 @@ def ppo_policy_loss(
         stop_gradient(logps).
       advantages: `[batch, time]`, or `[batch]` (one per sequence, broadcast).
       mask: `[batch, time]` 1 on response tokens.
-      clip_eps, clip_eps_high: ε_low and ε_high.
+      clip_eps_low, clip_eps_high: ε_low and ε_high (defaults to ε_low).
       dual_clip: c, or None.
       agg, norm_len: reduction, see `jaxalign.losses.aggregation`.
       return_parts: return `(numerator, denominator)` instead of the scalar.
@@ -117,10 +117,10 @@ def ppo_policy_loss(
       >>> lp = jnp.log(jnp.full((1, 2), 0.5)); m = jnp.ones((1, 2))
       >>> ppo_policy_loss(lp + jnp.log(2.0), lp, jnp.ones(1), m)[0]  # ρ = 2: −1.2
     """
-    clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    clip_eps_high = clip_eps_low if clip_eps_high is None else clip_eps_high
     per_token, metrics = clipped_surrogate(
         logps, old_logps, advantages, mask,
-        clip_eps_low=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip,
+        clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, dual_clip=dual_clip,
     )
     return finish(*aggregate_parts(per_token, mask, agg, norm_len=norm_len), return_parts), metrics
 

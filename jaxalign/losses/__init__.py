@@ -6,7 +6,8 @@ accumulation; see `jaxalign.losses.aggregation`. The table of losses with
 formulas and papers is in docs/losses.md.
 """
 
-from jaxalign.losses.aggregation import AGGREGATIONS, aggregate, aggregate_parts, masked_mean
+from jaxalign.losses.advantages import reinforce_pp_advantages, rloo_advantages
+from jaxalign.losses.aggregation import AGGREGATIONS, aggregate, aggregate_parts, masked_mean, safe_divide
 from jaxalign.losses.group import (
     GROUP_SCALES,
     dapo_loss,
@@ -14,6 +15,14 @@ from jaxalign.losses.group import (
     group_advantages,
     grpo_loss,
     overlong_penalty,
+)
+from jaxalign.losses.importance import (
+    IS_CORRECTIONS,
+    IS_LEVELS,
+    importance_correction,
+    mis_mask,
+    mismatch_metrics,
+    tis_weights,
 )
 from jaxalign.losses.kl import (
     KL_ESTIMATORS,
@@ -32,12 +41,15 @@ from jaxalign.losses.preference import (
     orpo_loss,
     simpo_loss,
 )
-from jaxalign.losses.sft import sft_loss, token_logprobs
+from jaxalign.losses.sequence import cispo_loss, gspo_loss
+from jaxalign.losses.sft import sft_loss, token_logprobs, token_logprobs_and_entropy
 
 __all__ = [
     "AGGREGATIONS",
     "DPO_LOSSES",
     "GROUP_SCALES",
+    "IS_CORRECTIONS",
+    "IS_LEVELS",
     "KL_ESTIMATORS",
     "KLController",
     "KLControllerState",
@@ -45,23 +57,33 @@ __all__ = [
     "aggregate",
     "aggregate_parts",
     "bradley_terry_loss",
+    "cispo_loss",
     "clipped_surrogate",
     "dapo_loss",
     "dpo_loss",
     "dynamic_sampling_mask",
     "fixed_kl_controller",
     "gae",
+    "gspo_loss",
     "group_advantages",
     "grpo_loss",
+    "importance_correction",
     "kl_penalty",
     "log_odds",
     "masked_mean",
+    "mis_mask",
+    "mismatch_metrics",
     "orpo_loss",
     "overlong_penalty",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "reinforce_pp_advantages",
+    "rloo_advantages",
+    "safe_divide",
     "sft_loss",
     "simpo_loss",
+    "tis_weights",
     "token_logprobs",
+    "token_logprobs_and_entropy",
     "whiten",
 ]

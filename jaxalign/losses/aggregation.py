@@ -52,7 +52,7 @@ def _token_mean(per_token, mask, norm_len):
 
 def _seq_mean_token_mean(per_token, mask, norm_len):
     row_sum, row_count, present = _row_parts(per_token, mask)
-    row_mean = row_sum / jnp.maximum(row_count, 1)
+    row_mean = safe_divide(row_sum, row_count)
     return jnp.sum(row_mean * present), jnp.sum(present)
 
 
@@ -94,8 +94,10 @@ def aggregate_parts(
     Example:
       >>> x = jnp.array([[1., 2., 3.], [4., 0., 0.]])
       >>> m = jnp.array([[1, 1, 1], [1, 0, 0]])
-      >>> aggregate_parts(x, m, "token-mean")           # (10, 4)
-      >>> aggregate_parts(x, m, "seq-mean-token-mean")  # (2 + 4, 2)
+      >>> print(*aggregate_parts(x, m, "token-mean"))
+      10.0 4.0
+      >>> print(*aggregate_parts(x, m, "seq-mean-token-mean"))  # mean 2 and mean 4
+      6.0 2.0
     """
     if agg not in AGGREGATIONS:
         raise ValueError(f"unknown agg {agg!r}; valid: {sorted(AGGREGATIONS)}")
@@ -103,8 +105,19 @@ def aggregate_parts(
 
 
 def safe_divide(numerator: Array, denominator: Array) -> Array:
-    """`numerator / denominator`, and 0 when nothing counted (denominator 0)."""
-    return numerator / jnp.maximum(denominator, 1)
+    """`numerator / denominator`, and 0 when nothing counted (denominator 0).
+
+    Denominators are sums of mask values, so they are ≥ 0; with fractional
+    (soft) masks they can lie in (0, 1) and are divided by as they are. The
+    stand-in 1 for a zero denominator keeps the unused branch, and so the
+    gradient, finite.
+
+    Example:
+      >>> print(safe_divide(jnp.array(1.0), jnp.array(0.25)), safe_divide(jnp.array(0.0), jnp.array(0.0)))
+      4.0 0.0
+    """
+    has_any = denominator > 0
+    return jnp.where(has_any, numerator / jnp.where(has_any, denominator, 1), 0.0)
 
 
 def aggregate(
@@ -113,8 +126,12 @@ def aggregate(
     """The `agg` reduction of `per_token: [batch, time]` under `mask: [batch, time]`.
 
     Equals `numerator / denominator` of `aggregate_parts` (0 for an all-masked
-    batch). Example: `aggregate(x, m, "token-mean")` with the arrays of
-    `aggregate_parts` gives 10 / 4 = 2.5.
+    batch).
+
+    Example:
+      >>> x = jnp.array([[1., 2., 3.], [4., 0., 0.]]); m = jnp.array([[1, 1, 1], [1, 0, 0]])
+      >>> print(aggregate(x, m, "token-mean"), aggregate(x, m, "seq-mean-token-sum"))
+      2.5 5.0
     """
     return safe_divide(*aggregate_parts(per_token, mask, agg, norm_len=norm_len))
 

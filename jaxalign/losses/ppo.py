@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from jaxalign.losses.aggregation import aggregate_parts, finish, masked_mean
 from jaxalign.losses.kl import kl_penalty
+from jaxalign.losses.terms import entropy_bonus, weight_policy_term
 
 Array = jnp.ndarray
 
@@ -90,6 +91,9 @@ def ppo_policy_loss(
     dual_clip: float | None = None,
     agg: str = "token-mean",
     norm_len: float | None = None,
+    entropy: Array | None = None,
+    entropy_coef: float = 0.0,
+    is_weights: Array | None = None,
     return_parts: bool = False,
 ):
     """PPO clipped policy loss (Schulman et al. 2017, "Proximal Policy
@@ -97,7 +101,9 @@ def ppo_policy_loss(
 
     L = agg(−min(ρA, clip(ρ, 1−ε, 1+ε_high)A)), ρ = π_θ/π_old per token;
     ε_high defaults to ε; optional dual clip c > 1 bounds the loss of A < 0
-    tokens by −cA (see `clipped_surrogate`).
+    tokens by −cA (see `clipped_surrogate`). Optional importance weights w
+    multiply the per-token term (w·ℓ_t) and an entropy bonus subtracts
+    c·agg(H), as in `grpo_loss`.
 
     Args:
       logps: `[batch, time]` log π_θ of the sampled tokens.
@@ -108,20 +114,26 @@ def ppo_policy_loss(
       clip_eps_low, clip_eps_high: ε_low and ε_high (defaults to ε_low).
       dual_clip: c, or None.
       agg, norm_len: reduction, see `jaxalign.losses.aggregation`.
+      entropy, entropy_coef, is_weights: as in `grpo_loss`.
       return_parts: return `(numerator, denominator)` instead of the scalar.
 
     Returns:
-      `(loss, metrics)`, metrics as in `clipped_surrogate`.
+      `(loss, metrics)`, metrics as in `clipped_surrogate`, plus `entropy`
+      when `entropy` is given.
 
     Example:
       >>> lp = jnp.log(jnp.full((1, 2), 0.5)); m = jnp.ones((1, 2))
-      >>> ppo_policy_loss(lp + jnp.log(2.0), lp, jnp.ones(1), m)[0]  # ρ = 2: −1.2
+      >>> loss, metrics = ppo_policy_loss(lp + jnp.log(2.0), lp, jnp.ones(1), m)
+      >>> print(loss, metrics["clip_frac_high"])  # ρ = 2 clipped to 1.2
+      -1.2 1.0
     """
     clip_eps_high = clip_eps_low if clip_eps_high is None else clip_eps_high
     per_token, metrics = clipped_surrogate(
         logps, old_logps, advantages, mask,
         clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, dual_clip=dual_clip,
     )
+    per_token = weight_policy_term(per_token, is_weights, mask)
+    per_token = entropy_bonus(per_token, metrics, entropy, mask, entropy_coef)
     return finish(*aggregate_parts(per_token, mask, agg, norm_len=norm_len), return_parts), metrics
 
 
@@ -156,7 +168,8 @@ def ppo_value_loss(
 
     Example:
       >>> v = jnp.zeros((1, 1)); r = jnp.ones((1, 1)); m = jnp.ones((1, 1))
-      >>> ppo_value_loss(v, v, r, m)[0]  # 0.5
+      >>> print(ppo_value_loss(v, v, r, m)[0])  # ½ (0 − 1)²
+      0.5
     """
     valid = mask > 0
     # Padding may hold garbage; select first so no NaN reaches the gradient.
@@ -213,7 +226,8 @@ def gae(rewards: Array, values: Array, mask: Array, *, gamma: float, lam: float)
 
     Example:
       >>> r = jnp.array([[0., 1.]]); v = jnp.zeros((1, 2)); m = jnp.ones((1, 2))
-      >>> gae(r, v, m, gamma=1.0, lam=1.0)[0]  # [[1., 1.]]
+      >>> print(gae(r, v, m, gamma=1.0, lam=1.0)[0])
+      [[1. 1.]]
     """
     valid = mask > 0
     rewards = jnp.where(valid, rewards, 0.0)
@@ -246,7 +260,8 @@ def whiten(x: Array, mask: Array, *, shift_mean: bool = True, eps: float = 1e-8)
       x: `[batch, time]`; mask: `[batch, time]`.
 
     Example:
-      >>> whiten(jnp.array([[1., 3., 9.]]), jnp.array([[1, 1, 0]]))  # [[-1, 1, 0]]
+      >>> print(whiten(jnp.array([[1., 3., 9.]]), jnp.array([[1, 1, 0]])).round(4))
+      [[-1.  1.  0.]]
     """
     mean = masked_mean(x, mask)
     var = masked_mean(jnp.square(x - mean), mask)

@@ -1,4 +1,4 @@
-"""Next-token log-probabilities and the supervised fine-tuning loss."""
+"""Next-token log-probabilities (and entropies) and the supervised fine-tuning loss."""
 
 from __future__ import annotations
 
@@ -25,16 +25,54 @@ def token_logprobs(logits: Array, targets: Array) -> Array:
       (bf16/f16 are upcast before the logsumexp; float64 stays float64).
 
     Example:
-      >>> token_logprobs(jnp.zeros((1, 1, 4)), jnp.array([[2]]))  # [[-log 4]]
+      >>> print(token_logprobs(jnp.zeros((1, 1, 4)), jnp.array([[2]])).round(4))  # −log 4
+      [[-1.3863]]
     """
+    shifted, exp, log_z = _softmax_parts(logits)
+    return _picked(shifted, targets) - log_z
+
+
+def _softmax_parts(logits: Array) -> tuple[Array, Array, Array]:
+    """Shifted logits, their exp and the log partition, in float32 or wider."""
     dtype = jnp.promote_types(logits.dtype, jnp.float32)
     logits = logits.astype(dtype)
     # Subtract the max first: exp cannot overflow, and the final difference
     # is between small numbers (logit − logsumexp of raw logits ~1e4 would
     # cancel away float32 digits). The max is a constant of the gradient.
     shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    picked = jnp.take_along_axis(shifted, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return picked - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+    exp = jnp.exp(shifted)
+    return shifted, exp, jnp.log(jnp.sum(exp, axis=-1))
+
+
+def _picked(shifted: Array, targets: Array) -> Array:
+    return jnp.take_along_axis(shifted, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def token_logprobs_and_entropy(logits: Array, targets: Array) -> tuple[Array, Array]:
+    """`token_logprobs` and the entropy of each next-token distribution, from
+    one softmax (the entropy bonus of the policy losses costs no extra
+    `[batch, time, vocab]` exponential).
+
+    H_t = log Z_t − Σ_v p_v l_v = −Σ_v p_v log p_v, with l the shifted logits.
+
+    Args:
+      logits: `[batch, time, vocab]`, aligned with `targets`.
+      targets: `[batch, time]` integer token ids.
+
+    Returns:
+      `(logps, entropy)`, each `[batch, time]` (float32 for low-precision logits).
+
+    Example:
+      >>> logps, entropy = token_logprobs_and_entropy(jnp.zeros((1, 1, 4)), jnp.array([[2]]))
+      >>> print(logps.round(4), entropy.round(4))  # uniform over 4: H = log 4
+      [[-1.3863]] [[1.3863]]
+    """
+    shifted, exp, log_z = _softmax_parts(logits)
+    # Σ p·l as (Σ e^l·l)/Z: the same exp as the log-probs, no second pass.
+    # A −inf logit (a banned token) has p = 0 and adds 0, not 0 · −inf = NaN.
+    finite = jnp.where(exp > 0, shifted, 0.0)
+    mean_logit = jnp.sum(exp * finite, axis=-1) / jnp.sum(exp, axis=-1)
+    return _picked(shifted, targets) - log_z, log_z - mean_logit
 
 
 def sft_loss(
@@ -64,7 +102,8 @@ def sft_loss(
 
     Example:
       >>> logits = jnp.zeros((1, 2, 4)); y = jnp.array([[1, 3]]); m = jnp.ones((1, 2))
-      >>> sft_loss(logits, y, m)[0]  # log 4
+      >>> print(sft_loss(logits, y, m)[0].round(4))  # log 4
+      1.3863
     """
     nll = -token_logprobs(logits, targets)
     mask = mask.astype(nll.dtype)

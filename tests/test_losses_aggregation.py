@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxalign.losses import AGGREGATIONS, aggregate, aggregate_parts
+from jaxalign.losses import AGGREGATIONS, aggregate, aggregate_parts, safe_divide
 from tests.test_losses_common import B, RTOL32, T, right_padded_mask
 
 MODES = sorted(AGGREGATIONS)
@@ -85,3 +85,25 @@ def test_all_masked_batch_is_zero_and_unknown_mode_is_refused():
     assert float(aggregate(jnp.ones((2, 3)), jnp.zeros((2, 3)), "seq-mean-token-mean")) == 0.0
     with pytest.raises(ValueError, match="seq-mean-token-sum-norm"):
         aggregate(jnp.ones((2, 3)), jnp.ones((2, 3)), "sequence-mean")
+
+
+def test_safe_divide_fractional_denominators():
+    # A denominator in (0, 1) is divided by as it is (flooring it at 1 would
+    # give 0.3 here); 0 gives 0 with a finite gradient.
+    assert float(safe_divide(jnp.array(0.3), jnp.array(0.25))) == np.float32(0.3) / np.float32(0.25)
+    assert float(safe_divide(jnp.array(0.0), jnp.array(0.0))) == 0.0
+    grad = jax.grad(lambda n, d: safe_divide(n, d), argnums=(0, 1))(jnp.array(0.0), jnp.array(0.0))
+    assert all(float(g) == 0.0 for g in grad)
+
+
+@pytest.mark.parametrize("agg", MODES)
+def test_soft_masks_with_fractional_counts(agg):
+    """Weighted (soft) masks whose sums are below 1, per row and in total."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(B, T)).astype(np.float32)
+    m = (rng.random((B, T)) * 0.2).astype(np.float32)  # every row sums to < 1.2, some < 1
+    m[2] = 0.0
+    assert np.any((m.sum(1) > 0) & (m.sum(1) < 1))
+    np.testing.assert_allclose(aggregate(x, m, agg), ref_aggregate(x, m, agg), rtol=1e-5, atol=1e-6)
+    tiny = m * 0.1  # total below 1 as well
+    np.testing.assert_allclose(aggregate(x, tiny, agg), ref_aggregate(x, tiny, agg), rtol=1e-5, atol=1e-6)

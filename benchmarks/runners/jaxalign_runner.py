@@ -3,8 +3,8 @@
     python benchmarks/runners/jaxalign_runner.py --model tiny --model-dir DIR --workload dpo_step --out rows.json
 
 Uses the library the way `experiments/` does: `load_hf`, `training.make_train_step`
-with the DPO or group loss, a live frozen reference, `GroupStep` (sampling,
-rewards, advantages, reference log-probs, one AdamW step) and `Sampler` (built
+with the DPO loss, a live frozen reference, `onpolicy.build` (sampling, rewards,
+old and reference log-probs, advantages, one AdamW step) and `Sampler` (built
 on `abstract_hf`'s shapes and precompiled before `load_hf` reads the weights,
 as a user with fixed shapes can).
 Besides the timing and `peak_rss` rows it reports `model_flops` per step
@@ -254,7 +254,7 @@ def dpo_parts(model_dir: str, model_name: str, s: dict) -> list[dict]:
 
 
 class GRPOSetup(NamedTuple):
-    step: Any          # the GroupStep (rollout + train step)
+    step: Any          # the OnPolicyStep (rollout + train step)
     state: Any         # its TrainState
     batch: dict        # the prompt batch
     cfg: Any           # the ModelConfig
@@ -266,15 +266,12 @@ class GRPOSetup(NamedTuple):
 def build_grpo(model_dir: str, s: dict) -> GRPOSetup:
     """The `grpo_step_g*` workloads set up as `experiments/rl.py` would."""
     import numpy as np
-    from flax import nnx
     from transformers import AutoTokenizer
 
     from jaxalign import training
-    from jaxalign.algorithms import group
-    from jaxalign.algorithms.rollout import SamplingConfig
+    from jaxalign.algorithms import onpolicy
     from jaxalign.data import collate_prompts
-    from jaxalign.models import clone_model, load_hf
-    from jaxalign.sampling import Sampler
+    from jaxalign.models import load_hf
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model, mcfg = load_hf(model_dir)
@@ -287,22 +284,17 @@ def build_grpo(model_dir: str, s: dict) -> GRPOSetup:
     def reward_fn(rollout):
         return np.asarray([workloads.reward(row[-n:]) for row in np.asarray(rollout.tokens)], np.float32)
 
-    cfg = group.preset("grpo", group_size=g, prompts_per_step=s["prompts"], beta=workloads.GRPO_BETA,
-                       clip_eps_low=workloads.GRPO_EPS, sampling=SamplingConfig(max_new_tokens=n, temperature=1.0))
-    reference = clone_model(model)
-    ref_params = nnx.to_pure_dict(nnx.state(reference, nnx.Param))  # GroupStep keeps its own copy
+    cfg = onpolicy.preset("grpo", group_size=g, prompts_per_step=s["prompts"], beta=workloads.GRPO_BETA,
+                          clip_eps_low=workloads.GRPO_EPS)
+    sampling = onpolicy.SamplingConfig(max_new_tokens=n, temperature=1.0)
     optimizer = training.make_optimizer(training.OptimConfig(lr=workloads.LR, schedule="constant",
                                                              warmup_steps=0, grad_clip_norm=0.0))
-    state, model_def = training.init_train_state(model, optimizer)
-    loss_fn = group.make_group_loss_fn(cfg)
-    train_step = training.make_train_step(loss_fn, optimizer, model_def=model_def,
-                                          shardings=training.state_shardings(state))
-    step = group.GroupStep(cfg, train_step=train_step, sampler=Sampler(model), reward_fn=reward_fn,
-                           tokenizer=tokenizer, prompts=iter(()), reference_params=ref_params,
-                           reference_model=reference)
-    step.eos_ids = ()  # the workload generates exactly new_tokens tokens
-    del reference, ref_params  # as experiments/rl.py, whose build_step lets them go out of scope
-    return GRPOSetup(step, state, batch, mcfg, train_step, loss_fn, model_def)
+    model_def = training.ModelDef.of(model)[0]
+    run = onpolicy.build(cfg, sampling, model, tokenizer=tokenizer, reward_fn=reward_fn, prompts=iter(()),
+                         optimizer=optimizer)
+    run.step.eos_ids = ()  # the workload generates exactly new_tokens tokens
+    return GRPOSetup(run.step, run.state, batch, mcfg, run.step.train_step, onpolicy.make_loss_fn(cfg, sampling),
+                     model_def)
 
 
 def _grpo_train_flops(mcfg, s: dict) -> float:
@@ -329,16 +321,18 @@ def grpo_step(model_dir: str, model_name: str, s: dict, workload: str) -> list[d
     # generation: prefill of the prompt, then n single-token steps over a growing context
     gen_flops = forward_flops(mcfg, rows_n * s["prompt_len"], s["prompt_len"]) + sum(
         forward_flops(mcfg, rows_n, s["prompt_len"] + t + 1) for t in range(n))
-    # The LM head scores the n completion tokens only. The reference forward (a third of
-    # train_flops) runs inside the rollout (its time is in generation_time), so train_flops, the
-    # part timed by step time less generation time, is the policy's forward and backward alone.
+    # The LM head scores the n completion tokens only. The reference forward and the trainer's
+    # recomputation of the old log-probs (a third of train_flops each) run inside the rollout (their
+    # time is in generation_time), so train_flops, the part timed by step time less generation
+    # time, is the policy's forward and backward alone.
     train_flops = _grpo_train_flops(mcfg, s)
     w = s["warmup"]
     return [workloads.row(workload, model_name, FW, "step_time", _median(times[w:]), "s",
-                          note=f"generation {_median(gen[w:]):.3f} s of it (rollout incl. reference log-probs)"),
+                          note=f"generation {_median(gen[w:]):.3f} s of it (rollout incl. old and reference "
+                               "log-probs)"),
             workloads.row(workload, model_name, FW, "generation_time", _median(gen[w:]), "s"),
             workloads.row(workload, model_name, FW, "compile_or_first_step", times[0], "s"),
-            workloads.row(workload, model_name, FW, "model_flops", gen_flops + train_flops / 3 + train_flops,
+            workloads.row(workload, model_name, FW, "model_flops", gen_flops + 2 * train_flops / 3 + train_flops,
                           "FLOP"),
             workloads.row(workload, model_name, FW, "train_flops", train_flops, "FLOP")]
 
@@ -351,10 +345,12 @@ def grpo_parts(model_dir: str, model_name: str, s: dict, workload: str) -> list[
     optimizer, gradient norm or NaN guard) and the train step run on it in turn, `steps`
     times; medians. As `dpo_parts` does for the DPO step.
     """
+    import jax
+
     step, state, batch, mcfg, train_step, loss_fn, model_def = build_grpo(model_dir, s)
     for _ in range(max(1, s["warmup"])):
         state, _ = step(state, batch)
-    train_batch = step.last_batch
+    train_batch, _ = step.rollout(state.params, batch, int(jax.device_get(state.step)))
     arrays = train_step.place_batch(train_batch)
     fwd_bwd = _loss_and_grad(loss_fn, model_def, state.params, arrays)
     times, state = _in_turn({"fwd_bwd": lambda st: fwd_bwd(st.params, arrays)}, train_step, state, train_batch, s,

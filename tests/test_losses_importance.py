@@ -4,7 +4,6 @@ mismatch metrics, against float64 NumPy references."""
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -137,7 +137,12 @@ def aggregate(
 
 
 def masked_mean(x: Array, mask: Array) -> Array:
-    """Token mean of `x` over `mask` (both `[batch, time]`); used for metrics."""
+    """Token mean of `x` over `mask` (both `[batch, time]`); used for metrics.
+
+    Example:
+      >>> print(masked_mean(jnp.array([[1.0, 2.0, jnp.nan]]), jnp.array([[1, 1, 0]])))
+      1.5
+    """
     return aggregate(x, mask, "token-mean")
 
 

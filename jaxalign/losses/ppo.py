@@ -44,6 +44,13 @@ def clipped_surrogate(
     (A > 0 and ρ > 1+ε_high), `dual_clip_frac` (A < 0 and ρ > c, when set),
     `approx_kl` (k3 estimate of KL(π_old ‖ π_θ): ρ − 1 − log ρ, unbiased and
     ≥ 0 on tokens sampled from π_old), `ratio_mean`, `ratio_max`, `ratio_min`.
+
+    Example:
+      >>> lp = jnp.log(jnp.array([[2.0, 0.5]])); m = jnp.ones((1, 2))
+      >>> per_token, metrics = clipped_surrogate(lp, jnp.zeros((1, 2)), jnp.array([[1.0, -1.0]]), m,
+      ...                                        clip_eps_low=0.2, clip_eps_high=0.2)
+      >>> print(per_token, metrics["clip_frac_high"], metrics["clip_frac_low"])  # 1.2 and 0.8 bind
+      [[-1.2  0.8]] 0.5 0.5
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")

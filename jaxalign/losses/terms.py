@@ -22,6 +22,11 @@ def weight_policy_term(per_token: Array, is_weights: Array | None, mask: Array) 
     The weights correct for tokens drawn by another program than the one that
     computed `old_logps` (see `jaxalign.losses.importance`); they are data, so
     no gradient flows into them.
+
+    Example:
+      >>> per_token = jnp.array([[1.0, 2.0, 3.0]]); m = jnp.array([[1, 1, 0]])
+      >>> print(weight_policy_term(per_token, jnp.array([[0.5, 2.0, 9.0]]), m))
+      [[0.5 4.  0. ]]
     """
     if is_weights is None:
         return per_token
@@ -37,6 +42,12 @@ def entropy_bonus(
     The entropy is logged (token mean over `mask`) whenever it is given, so a
     run can watch it collapse before deciding on a bonus. `entropy_coef` is a
     Python number: 0 leaves `per_token` untouched (bit for bit).
+
+    Example:
+      >>> metrics = {}; m = jnp.array([[1, 1, 0]])
+      >>> h = jnp.array([[1.0, 3.0, jnp.nan]])  # padding may hold garbage
+      >>> print(entropy_bonus(jnp.zeros((1, 3)), metrics, h, m, 0.1), metrics["entropy"])
+      [[-0.1 -0.3  0. ]] 2.0
     """
     if entropy is None:
         if entropy_coef:

@@ -19,7 +19,7 @@ def _token_log_ratio(logps: Array, old_logps: Array | None, mask: Array) -> Arra
     if old_logps is None:
         old_logps = jax.lax.stop_gradient(logps)
     valid = mask > 0
-    return jnp.where(valid, jnp.where(valid, logps, 0.0) - jnp.where(valid, old_logps, 0.0), 0.0)
+    return jnp.where(valid, logps, 0.0) - jnp.where(valid, old_logps, 0.0)
 
 
 def _ratio_metrics(ratio: Array, valid: Array, weight: Array) -> dict:
@@ -58,7 +58,8 @@ def gspo_loss(
       logps: `[batch, time]` log π_θ of the sampled tokens.
       old_logps: `[batch, time]` log π_old, or None for stop_gradient(logps).
       advantages: `[batch]`, one per sequence (e.g. `group_advantages`).
-      mask: `[batch, time]` 1 on completion tokens; an all-zero row is absent.
+      mask: `[batch, time]` 1 on completion tokens (any value > 0 counts as
+        one token of |y_i|); an all-zero row is absent.
       clip_eps_low, clip_eps_high: ε_low, ε_high of the sequence ratio.
       entropy: optional `[batch, time]` per-token entropy of π_θ (logged).
       entropy_coef: weight of the entropy bonus (Python float).
@@ -81,21 +82,21 @@ def gspo_loss(
     """
     if advantages.ndim != 1:
         raise ValueError(f"gspo_loss: advantages must be [batch] (one per sequence), got shape {advantages.shape}")
-    valid = mask > 0
-    maskf = jnp.where(valid, 1.0, 0.0).astype(logps.dtype)
     log_ratio = _token_log_ratio(logps, old_logps, mask)
-    count = jnp.sum(maskf, axis=-1)
+    count = jnp.sum(jnp.where(mask > 0, 1.0, 0.0).astype(log_ratio.dtype), axis=-1)  # |y_i|
     present = count > 0
-    presentf = present.astype(logps.dtype)
+    presentf = present.astype(log_ratio.dtype)
+
+    def row_mean(per_token):  # (1/|y_i|) Σ_t over valid tokens; 0 for an empty row
+        return jnp.sum(per_token, axis=-1) / jnp.where(present, count, 1.0)
+
     # The geometric mean of the token ratios: a per-token average of log ρ.
-    seq_log_ratio = jnp.sum(log_ratio, axis=-1) / jnp.where(present, count, 1.0)
-    ratio = jnp.exp(jnp.clip(seq_log_ratio, -LOG_RATIO_MAX, LOG_RATIO_MAX))
+    ratio = jnp.exp(jnp.clip(row_mean(log_ratio), -LOG_RATIO_MAX, LOG_RATIO_MAX))
     adv = jnp.where(present, advantages, 0.0)
 
     per_row = jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high))
     if is_weights is not None:
-        row_weight = jnp.sum(weight_policy_term(jnp.ones_like(log_ratio), is_weights, mask), axis=-1)
-        per_row = per_row * row_weight / jnp.where(present, count, 1.0)
+        per_row = per_row * row_mean(weight_policy_term(jnp.ones_like(log_ratio), is_weights, mask))
 
     dtype = per_row.dtype
     rows = jnp.sum(presentf)
@@ -109,7 +110,7 @@ def gspo_loss(
     # from the row loss (the `seq-mean-token-mean` of H).
     bonus = entropy_bonus(jnp.zeros_like(log_ratio), metrics, entropy, mask, entropy_coef)
     if entropy_coef:
-        per_row = per_row + jnp.sum(bonus, axis=-1) / jnp.where(present, count, 1.0)
+        per_row = per_row + row_mean(bonus)
     per_row = jnp.where(present, per_row, 0.0).astype(dtype)
     return finish(jnp.sum(per_row), rows, return_parts), metrics
 
@@ -177,9 +178,7 @@ def cispo_loss(
     metrics = {
         "clip_frac_low": masked_mean((ratio < low).astype(dtype), mask),
         "clip_frac_high": masked_mean((ratio > 1.0 + eps_high).astype(dtype), mask),
-        "ratio_mean": masked_mean(ratio, mask),
-        "ratio_max": jnp.max(jnp.where(valid, ratio, -jnp.inf)),
-        "ratio_min": jnp.min(jnp.where(valid, ratio, jnp.inf)),
+        **_ratio_metrics(ratio, valid, jnp.where(valid, mask, 0).astype(dtype)),
         "approx_kl": masked_mean(kl_penalty(jnp.zeros_like(log_ratio), log_ratio, kind="k3"), mask),
     }
     per_token = entropy_bonus(per_token, metrics, entropy, mask, entropy_coef)

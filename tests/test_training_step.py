@@ -191,8 +191,10 @@ def test_adam_moments_update_in_place():
     old values alive past the in-place update and copies them: the update
     program's temporaries are then 1.0x the parameter bytes on this
     parameter-heavy toy (in the one-program step of before, 2.1x on
-    SmolLM2-135M; docs/training.md). With the conditional update they are
-    0.003x (the norm's partial sums and a few scalars).
+    SmolLM2-135M; docs/training.md). With the conditional update they were
+    0.003x (the norm's partial sums and a few scalars); the check of the
+    updated state adds XLA:CPU's one-byte finite masks of the candidate
+    params and two moments (0.75x here), still no float copy of the state.
     """
     model = ToyLM(vocab=32, embed=256, mlp=1024, rngs=nnx.Rngs(0))
     optimizer = make_optimizer(OptimConfig(lr=1e-3, schedule="constant", warmup_steps=0, grad_clip_norm=0.0))
@@ -204,7 +206,7 @@ def test_adam_moments_update_in_place():
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params))
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     assert memory.alias_size_in_bytes == state_bytes  # the whole state is donated
-    assert memory.temp_size_in_bytes < 0.1 * param_bytes, (memory.temp_size_in_bytes, param_bytes)
+    assert memory.temp_size_in_bytes < 0.8 * param_bytes, (memory.temp_size_in_bytes, param_bytes)
 
 
 def test_step_compiles_once_per_batch_shape():

@@ -1,6 +1,6 @@
 """Generic training: train state, jitted step, loop, checkpoints, metric writers."""
 
-from jaxalign.training.checkpoint import Checkpointer, NonFiniteError
+from jaxalign.training.checkpoint import Checkpointer, CorruptCheckpointError, NonFiniteError, Resumed
 from jaxalign.training.loop import count_tokens, train
 from jaxalign.training.optim import OptimConfig, make_optimizer, make_schedule
 from jaxalign.training.state import (
@@ -14,9 +14,11 @@ from jaxalign.training.step import TrainStep, make_train_step
 
 __all__ = [
     "Checkpointer",
+    "CorruptCheckpointError",
     "ModelDef",
     "NonFiniteError",
     "OptimConfig",
+    "Resumed",
     "TrainState",
     "TrainStep",
     "abstract_state",

@@ -238,9 +238,10 @@ def make_train_step(
       micro-batches of B / micro_batches rows; micro-batch i takes rows
       i, i + M, i + 2M, … so that every device holds part of every
       micro-batch (no data movement). Gradients are accumulated in float32.
-    nan_policy: if the loss or the gradient norm is not finite, the update
-      is dropped in both policies (params and optimizer state unchanged,
-      `skipped_steps` + 1); with "stop" the loop then raises.
+    nan_policy: if the loss, the gradient norm or any leaf of the updated
+      params and optimizer state is not finite, the update is dropped in both
+      policies (params and optimizer state unchanged, `skipped_steps` + 1,
+      metric `finite` False); with "stop" the loop then raises.
     shardings: the state's shardings (`state_shardings(state)`); the
       step's outputs use the same, so no resharding happens between steps.
     split_update: compile the gradient and the optimizer update as two
@@ -302,13 +303,20 @@ def make_train_step(
         rng, _ = jax.random.split(state.rng)  # the split `gradient` made: its first half is the next key
         # The norm's reductions are here, not in the gradient program: the two programs then
         # compile about the same number of distinct kernels (see `TrainStep`).
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        grad_norm = _global_norm(grads)
 
         def apply(params, opt_state, grads):
             updates, new_opt = optimizer.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), new_opt
 
+        # The guard checks what the step would keep: a finite loss and gradient
+        # can still overflow the parameters or moments (a huge learning rate).
+        # The candidate update feeds only these reductions, which XLA fuses
+        # with it (nothing parameter-sized is written), and the conditional
+        # below recomputes it in place: one more read of params, gradient and
+        # moments instead of a copy of the state (docs/training.md, "NaN guard").
+        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                  & _all_finite(apply(state.params, state.opt_state, grads)))
         # A conditional, not a `where` over both states: XLA then updates the
         # donated params and moments in place. A `where` needs the old moments
         # after the new ones overwrite them, so XLA copies both moment trees
@@ -331,6 +339,19 @@ def make_train_step(
         return new_state, metrics
 
     return TrainStep(gradient, update, shardings, nan_policy, split_update)
+
+
+def _global_norm(tree: Any) -> jax.Array:
+    """sqrt(Σ x²) over all leaves (as `optax.global_norm`), with x² written |x|·|x|: the same
+    value, but not an expression XLA merges with the optimizer's own g² in the state check's
+    candidate update, which would then be written out as a gradient-sized temporary."""
+    return jnp.sqrt(sum(jnp.sum(jnp.abs(x) * jnp.abs(x)) for x in jax.tree.leaves(tree)))
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """bool []: every float leaf of `tree` is free of NaN/Inf."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def _is_static(x) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from typing import Callable
 
 
@@ -17,6 +19,8 @@ def launch(run: Callable, help_text: str = "experiment config file") -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
+    from experiments.wiring import ConfigError
+
     config_flags.DEFINE_config_file("config", None, help_text, lock_config=True)
     flags.mark_flags_as_required(["config"])
     def main(argv) -> None:
@@ -24,6 +28,50 @@ def launch(run: Callable, help_text: str = "experiment config file") -> None:
         from jaxalign.host import enable_compilation_cache
 
         enable_compilation_cache()
-        run(flags.FLAGS.config)  # its return value is for callers in Python, not an exit status
+        try:
+            run(flags.FLAGS.config)  # its return value is for callers in Python, not an exit status
+        except ConfigError as e:
+            sys.exit(f"error: {e}")
 
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad `--config.*` override reported in one line."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - absl and ml_collections raise several kinds
+        try:
+            line = override_error(argv)
+        except Exception:  # noqa: BLE001 - the config file itself fails: absl's own message says how
+            raise e from None
+        sys.exit(f"error: {line or str(e).splitlines()[-1]}")
+
+
+def override_error(argv: list[str]) -> str | None:
+    """The first `--config.<section>.<key>=` override that names no key of the config file, as one line."""
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None and "--config" in argv[:-1]:
+        path = argv[argv.index("--config") + 1]
+    if path is None:
+        return None
+    file, _, arg = path.partition(":")
+    spec = importlib.util.spec_from_file_location("_jaxalign_config", file)
+    if spec is None or spec.loader is None:
+        return f"--config: cannot read {file!r}"
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    for a in argv:
+        if not a.startswith("--config."):
+            continue
+        keys = a[len("--config."):].split("=", 1)[0].split(".")
+        node, where = config, "config"
+        for key in keys:
+            if not hasattr(node, "keys") or key not in node:
+                valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(not a section)"
+                return f"{where}: unknown key {key!r}; valid keys: {valid}"
+            node, where = node[key], f"{where}.{key}"
+    return None

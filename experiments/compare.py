@@ -1,8 +1,11 @@
-"""The comparison `make demo` runs: SFT -> pairs -> reward model -> DPO, PPO, GRPO, Dr. GRPO, DAPO.
+"""The comparison `make demo` runs: SFT -> pairs -> reward model -> DPO, PPO, GRPO, Dr. GRPO, DAPO, over seeds.
 
-    python experiments/compare.py --config experiments/configs/arithmetic.py [--config.budget.steps=30]
+    python experiments/compare.py --config experiments/configs/arithmetic.py [--config.seeds=5]
+    python experiments/compare.py --config experiments/configs/arithmetic.py --config.new_presets=True
+    python experiments/compare.py --config experiments/configs/ablation.py     # make ablation
 
-Writes results/comparison.{md,json} and results/*.png, and prints the table.
+Writes results/<name>.{md,json,png} and the curves, and prints the table
+(mean ± 95% confidence interval over the seeds).
 """
 
 from __future__ import annotations
@@ -17,13 +20,23 @@ from experiments.cli import launch  # noqa: E402
 
 
 def main(cfg) -> None:
-    from jaxalign import comparison as pipeline
+    from experiments import comparison, comparison_report as report
 
     t0 = time.perf_counter()
-    rows, curves = pipeline.run_comparison(cfg)
-    pipeline.write_results(rows, curves, cfg.results)
-    print(pipeline.markdown_table(rows))
-    print(f"\nwrote {cfg.results}/comparison.md, comparison.json and plots; total {time.perf_counter() - t0:.0f}s")
+    rows, curves, meta = comparison.run_comparison(cfg)
+    meta["wall_time_s"] = time.perf_counter() - t0
+    name = cfg.get("name", "comparison")
+    if name == "ablation":
+        rows = [{"components": r["algorithm"], **r} for r in rows]
+        table = report.ablation_table(rows)
+    else:
+        table = report.markdown_table(rows)
+    report.write_results(rows, curves, meta, cfg.results, name=name)
+    if name == "ablation":
+        with open(os.path.join(cfg.results, "ablation.md"), "w") as f:
+            f.write(table + "\n\n" + report.notes(meta) + "\n")
+    print(table + "\n\n" + report.notes(meta))
+    print(f"\nwrote {cfg.results}/{name}.md, {name}.json and plots; total {meta['wall_time_s']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import tqdm  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from experiments import rl, train  # noqa: E402
+from experiments import rl, train, wiring  # noqa: E402
 from experiments.configs import smollm2 as configs  # noqa: E402
 from jaxalign import data, sharding  # noqa: E402
 from jaxalign.algorithms import evaluation  # noqa: E402
@@ -119,7 +119,7 @@ def main(argv=None) -> dict:
 
     mesh = sharding.make_mesh(sharding.MeshConfig(data=-1, fsdp=1, tensor=1))
     base_cfg = configs.rl_config("grpo")
-    model, tokenizer = train.build_model(base_cfg.model, mesh)
+    model, tokenizer = wiring.build_model(wiring.typed(wiring.ModelSection, base_cfg.model, "model"), mesh)
     sampler, base_params = Sampler(model), nnx.state(model, nnx.Param)
     heldout = data.tokenize_prompts(instruct.held_out(base_cfg.task.eval_prompts), tokenizer,
                                     max_length=configs.MAX_PROMPT)

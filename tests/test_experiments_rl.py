@@ -18,7 +18,8 @@ def _tiny(cfg, workdir, tokenizer):
     cfg.model.path = ""  # a tiny random model instead of the demo's SFT checkpoint
     cfg.model.tokenizer = str(tokenizer)
     cfg.task.update(dict(train_prompts=64, eval_prompts=16, eval_batch_size=16))
-    cfg.algorithm.update(dict(prompts_per_step=8, group_size=2, max_new_tokens=4))  # rows split over 8 devices
+    cfg.algorithm.update(dict(prompts_per_step=8, group_size=2))  # rows split over 8 devices
+    cfg.sampling.max_new_tokens = 4
     cfg.train.update(dict(steps=3, log_every=1, eval_every=0))
     cfg.checkpoint.every = 2
     return cfg

@@ -47,7 +47,7 @@ def test_reward_is_one_only_when_every_part_holds():
 
 
 def test_rl_config_for_smollm2_runs_the_task_with_a_tiny_model(tmp_path):
-    from experiments import rl
+    from experiments import rl, wiring
     from experiments.configs import smollm2
     from tests._tokenizers import make_char_tokenizer
 
@@ -59,19 +59,20 @@ def test_rl_config_for_smollm2_runs_the_task_with_a_tiny_model(tmp_path):
     cfg.model.path, cfg.model.tokenizer = "", str(tmp_path / "tok")
     cfg.model.overrides.max_position_embeddings = 512
     cfg.task.update(dict(train_prompts=32, eval_prompts=8, eval_batch_size=8, max_prompt_length=128))
-    cfg.algorithm.update(dict(prompts_per_step=8, group_size=2, max_new_tokens=4))
+    cfg.algorithm.update(dict(prompts_per_step=8, group_size=2))
+    cfg.sampling.max_new_tokens = 4
     cfg.train.update(dict(steps=1, eval_every=0))
     rows = rl.run(cfg)["rows"]
     # A random model's 4-character replies never name the topic: every reward is 0, and said so.
     assert rows[-1]["reward_mean"] == 0.0 and rows[-1]["eval/greedy_reward"] == 0.0
-    reward = rl.build_reward(cfg.reward)
+    reward = wiring.build_reward(wiring.typed(wiring.RewardSection, cfg.reward, "reward"))
     answer = json.dumps({"max_words": 6, "keyword": "kite"})
     np.testing.assert_array_equal(reward(_rollout(["A kite flies.", "A kite flies."], [answer] * 2, [False, True])),
                                   [1.0, 0.0])  # reads truncation from the rollout, not just the text
 
 
 def test_model_path_smollm2_resolves_to_the_converted_gguf(tmp_path, monkeypatch):
-    from experiments.train import resolve_model_path
+    from experiments.wiring import resolve_model_path
     from jaxalign.models import gguf
 
     monkeypatch.setenv("JAXALIGN_CACHE", str(tmp_path))

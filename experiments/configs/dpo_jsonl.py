@@ -4,15 +4,13 @@
         --config.data.train=pairs.jsonl --config.model.path=/ckpt/sft --config.algorithm.loss_type=ipo
 """
 
-from ml_collections import ConfigDict
-
+from experiments import wiring
 from experiments.configs.base import base_config
 
 
 def get_config():
     c = base_config()
     c.workdir = "runs/dpo"
-    c.algorithm = ConfigDict(dict(name="dpo", beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
-                                  rpo_alpha=0.0, precompute_reference=True))
+    c.algorithm = wiring.offline_section("dpo", beta=0.1, loss_type="sigmoid")
     c.optim.lr = 5e-7
     return c

@@ -2,20 +2,23 @@
 
 from ml_collections import ConfigDict
 
+from experiments import wiring
 from experiments.configs.base import base_config
 
 
 def rl_base_config(algorithm: str) -> ConfigDict:
+    """`algorithm` is a preset of `jaxalign.algorithms.onpolicy`; the fields of
+    `config.algorithm` left unset take the preset's values."""
+    from jaxalign.algorithms.onpolicy import OnPolicyConfig
+    from jaxalign.algorithms.rollout import SamplingConfig
+
     c = base_config()
     del c.data
     c.workdir = f"runs/{algorithm}"
-    # kind: arithmetic (built-in), gsm8k (TFDS), jsonl ({"prompt", "answer"} files).
-    c.task = ConfigDict(dict(kind="arithmetic", seed=0, train_prompts=20000, eval_prompts=1000, data_dir="",
-                             train="", test="", max_prompt_length=8, prompt_buckets=8, eval_batch_size=1000))
-    c.reward = ConfigDict(dict(verifier="exact_match", verifier_weight=1.0, reward_model="",
-                               reward_model_weight=1.0))
-    c.algorithm = ConfigDict(dict(name=algorithm, prompts_per_step=32, group_size=8, mu=1, max_new_tokens=6,
-                                  temperature=1.0, kl_coef=0.02, epochs=2, critic="separate"))
+    c.task = wiring.section(wiring.TaskSection)
+    c.reward = wiring.section(wiring.RewardSection)
+    c.algorithm = wiring.preset_section(OnPolicyConfig, algorithm, prompts_per_step=32)
+    c.sampling = wiring.section(SamplingConfig, max_new_tokens=6, temperature=1.0)
     c.optim.update(dict(lr=2e-4, schedule="constant", warmup_steps=0))
     c.train.update(dict(steps=60, log_every=10, eval_every=20))
     c.checkpoint.every = 20
@@ -45,7 +48,8 @@ def gsm8k_config(algorithm: str) -> ConfigDict:
     c.model.dtype = "bfloat16"
     c.task.update(dict(kind="gsm8k", max_prompt_length=512, prompt_buckets=64, eval_batch_size=256))
     c.reward.verifier = "numeric_match"
-    c.algorithm.update(dict(prompts_per_step=64, group_size=8, max_new_tokens=512, temperature=1.0))
+    c.algorithm.update(dict(prompts_per_step=64, group_size=8))
+    c.sampling.update(dict(max_new_tokens=512, temperature=1.0))
     c.optim.update(dict(lr=1e-6, grad_clip_norm=1.0))
     c.train.update(dict(steps=500, eval_every=50))
     c.checkpoint.every = 50

@@ -157,7 +157,7 @@ def test_tensorflow_datasets_is_imported_only_when_a_builder_is_used():
 
     code = (
         "import sys\n"
-        "import jaxalign.data, jaxalign.algorithms.group, jaxalign.algorithms.dpo, jaxalign.training\n"
+        "import jaxalign.data, jaxalign.algorithms.onpolicy, jaxalign.algorithms.dpo, jaxalign.training\n"
         "assert 'tensorflow_datasets' not in sys.modules, 'imported eagerly'\n"
         "from jaxalign.data import prepare, gsm8k_prompts\n"
         "assert 'tensorflow_datasets' in sys.modules\n"

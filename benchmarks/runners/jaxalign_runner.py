@@ -86,13 +86,14 @@ class DPOSetup(NamedTuple):
 
 
 def build_dpo(model_dir: str, s: dict) -> DPOSetup:
-    """The `dpo_step` workload set up as `experiments/` would.
+    """The `dpo_step` workload set up as `experiments/train.py` does (its wiring, default `config.train`).
 
     Shared with `benchmarks/profile_step.py`, so the profile traces the benchmarked step.
     """
 
     import numpy as np
 
+    from experiments import wiring
     from jaxalign import training
     from jaxalign.algorithms import dpo
     from jaxalign.data import collate_preference
@@ -109,8 +110,7 @@ def build_dpo(model_dir: str, s: dict) -> DPOSetup:
     optimizer = training.make_optimizer(training.OptimConfig(lr=workloads.LR, schedule="constant",
                                                              warmup_steps=0, grad_clip_norm=0.0))
     state, model_def = training.init_train_state(model, optimizer)
-    step = training.make_train_step(loss_fn, optimizer, model_def=model_def,
-                                    shardings=training.state_shardings(state))
+    step = wiring.build_train_step(loss_fn, optimizer, state, model_def, wiring.TrainSection())
     return DPOSetup(step, state, batch, ref_fn, cfg, loss_fn, model_def)
 
 
@@ -264,10 +264,11 @@ class GRPOSetup(NamedTuple):
 
 
 def build_grpo(model_dir: str, s: dict) -> GRPOSetup:
-    """The `grpo_step_g*` workloads set up as `experiments/rl.py` would."""
+    """The `grpo_step_g*` workloads set up as `experiments/rl.py` does (its wiring, default `config.train`)."""
     import numpy as np
     from transformers import AutoTokenizer
 
+    from experiments import wiring
     from jaxalign import training
     from jaxalign.algorithms import onpolicy
     from jaxalign.data import collate_prompts
@@ -290,8 +291,8 @@ def build_grpo(model_dir: str, s: dict) -> GRPOSetup:
     optimizer = training.make_optimizer(training.OptimConfig(lr=workloads.LR, schedule="constant",
                                                              warmup_steps=0, grad_clip_norm=0.0))
     model_def = training.ModelDef.of(model)[0]
-    run = onpolicy.build(cfg, sampling, model, tokenizer=tokenizer, reward_fn=reward_fn, prompts=iter(()),
-                         optimizer=optimizer)
+    run = wiring.build_onpolicy(cfg, sampling, model, tokenizer=tokenizer, reward_fn=reward_fn, prompts=iter(()),
+                                optimizer=optimizer, mesh=None, seed=0, train=wiring.TrainSection())
     run.step.eos_ids = ()  # the workload generates exactly new_tokens tokens
     return GRPOSetup(run.step, run.state, batch, mcfg, run.step.train_step, onpolicy.make_loss_fn(cfg, sampling),
                      model_def)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from typing import Callable
+
+# Before any entry script imports transformers (jaxalign.host.enforce_offline, repeated without importing jax here).
+os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
 
 
 def launch(run: Callable, help_text: str = "experiment config file") -> None:
@@ -27,6 +31,8 @@ def launch(run: Callable, help_text: str = "experiment config file") -> None:
         del argv
         from jaxalign.host import enable_compilation_cache
 
+        quiet_absl(flags.FLAGS["verbosity"].present)
+        check_model_paths(flags.FLAGS.config)
         enable_compilation_cache()
         try:
             run(flags.FLAGS.config)  # its return value is for callers in Python, not an exit status
@@ -75,3 +81,29 @@ def override_error(argv: list[str]) -> str | None:
                 return f"{where}: unknown key {key!r}; valid keys: {valid}"
             node, where = node[key], f"{where}.{key}"
     return None
+
+
+def quiet_absl(verbosity_given: bool) -> None:
+    """absl (Orbax, TFDS) logs WARNING and above unless `--verbosity` was given: their INFO lines
+    (hundreds per run) would bury the progress bar and jaxalign's own lines."""
+    from absl import logging
+
+    if not verbosity_given:
+        logging.set_verbosity(logging.WARNING)
+
+
+def check_model_paths(config) -> None:
+    """Fail at once, naming the path, if `config.model.path` or `.tokenizer` is not on this machine
+    (empty: a tiny random model; "smollm2": the packaged GGUF)."""
+    from jaxalign.host import resolve_local_path  # light: no jax, no transformers
+
+    model = config.get("model") if hasattr(config, "get") else None
+    if model is None:
+        return
+    for key in ("path", "tokenizer"):
+        value = model.get(key, "")
+        if value and value != "smollm2":
+            try:
+                resolve_local_path(value, what=f"config.model.{key}")
+            except FileNotFoundError as e:
+                sys.exit(f"error: {e}")

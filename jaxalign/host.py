@@ -1,14 +1,47 @@
-"""Host (CPU RAM) housekeeping shared by the layers that compile or load."""
+"""Host housekeeping shared by the layers that compile or load: CPU RAM, compiler options, local files only."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+from pathlib import Path
 
 # The XLA:CPU options a train step and the sampler are compiled with (see `train_step_compiler_options`
 # and `sampler_compiler_options`).
 _YNN_FUSION_TYPE = "xla_cpu_experimental_ynn_fusion_type"
 _FUSION_EMITTERS = "xla_cpu_use_fusion_emitters"
+
+
+# What Hugging Face libraries read to stay off the network (read when they are imported).
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def enforce_offline() -> None:
+    """Set Hugging Face's offline switches (`OFFLINE_ENV`) in this process's environment.
+
+    jaxalign reads local files only: a model or tokenizer name that is not a
+    local path must fail at once, not spend a minute retrying the Hub (which
+    `from_pretrained` does for anything shaped like `org/name`). Called when
+    `jaxalign` is imported and again by the entry scripts before anything
+    imports transformers or huggingface_hub, which read these at import.
+    Forced, not defaulted: a "0" in the environment would let a download through.
+    """
+    os.environ.update(OFFLINE_ENV)
+
+
+def resolve_local_path(path: str | os.PathLike, *, what: str = "model path") -> Path:
+    """`path` as a local `Path` (with `~` expanded) if it exists; else FileNotFoundError naming it.
+
+    jaxalign loads local directories and files only: a Hub name such as
+    `org/model` is refused here at once, before `transformers` could try the
+    network with it.
+    """
+    text = os.fspath(path)
+    local = Path(os.path.expanduser(text))
+    if not text or not local.exists():
+        raise FileNotFoundError(f"{what} {text!r} does not exist on this machine "
+                                "(jaxalign loads local directories only; it downloads nothing)")
+    return local
 
 
 def release_host_memory() -> None:

@@ -19,9 +19,12 @@ accept `bytes` or `str`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import re
+import shutil
 from typing import Any, ClassVar
 
 import numpy as np
@@ -74,6 +77,14 @@ class _SampleFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if config.test:
             splits["test"] = self._generate_examples(config.test)
         return splits
+
+    # TFDS announces "Downloading and preparing dataset ..." and "... downloaded and prepared"
+    # around every build; nothing is downloaded here, so say nothing.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
 
     def _generate_examples(self, paths: tuple[str, ...]):
         # A running integer key: with shuffling disabled TFDS keeps key order.
@@ -161,11 +172,49 @@ def prepare(
     """
     records.check_kind(kind)
     config = source_config(kind, train, test=test, empty=empty)
-    builder = BUILDERS[kind](
-        data_dir=os.fspath(data_dir), config=config, file_format="array_record"
-    )
-    builder.download_and_prepare()
+    data_dir = os.fspath(data_dir)
+    # TFDS creates these folders before it reads a sample; a failed build removes what it created.
+    created = [p for p in (data_dir, os.path.join(data_dir, BUILDERS[kind].name),
+                           os.path.join(data_dir, BUILDERS[kind].name, config.name),
+                           os.path.join(data_dir, "downloads")) if not os.path.exists(p)]
+    with _quiet_tfds():
+        builder = BUILDERS[kind](data_dir=data_dir, config=config, file_format="array_record")
+        try:
+            builder.download_and_prepare()
+        except BaseException:
+            for path in reversed(created):
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+    downloads = os.path.join(data_dir, "downloads")
+    if downloads in created and not any(files for _, _, files in os.walk(downloads)):
+        shutil.rmtree(downloads)  # TFDS makes it for every build; a local build leaves it empty
     return builder.as_data_source()
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """No TFDS progress bars and no "Using custom data configuration" warning while a local build runs."""
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    was_active = tqdm_utils._active  # TFDS keeps its progress-bar switch in this module global
+    tfds.disable_progress_bar()
+    quiet = logging.getLogger("absl")
+    drop = _DropMessage("Using custom data configuration")
+    quiet.addFilter(drop)
+    try:
+        yield
+    finally:
+        quiet.removeFilter(drop)
+        tfds.display_progress_bar(was_active)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
 
 
 def load_prepared(path: str | os.PathLike) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign.host import release_host_memory
+from jaxalign.host import release_host_memory, resolve_local_path
 from jaxalign.models.config import ModelConfig, config_from_hf
 from jaxalign.models.heads import ValueModel
 from jaxalign.models.transformer import Transformer
@@ -273,6 +273,7 @@ def _expected_hf_shapes(bound, params, cfg) -> dict[str, tuple[int, ...]]:
 
 def _abstract_from_dir(path: Path, dtype, compute_dtype, tokenizer=None):
     """(cfg, value_model, abstract model) for a checkpoint directory; no tensor is read."""
+    path = resolve_local_path(path)  # before transformers is imported: a missing path fails at once
     from transformers import AutoConfig
 
     hf_cfg = AutoConfig.from_pretrained(str(path))
@@ -364,9 +365,10 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None, m
 def check_tokenizer(tokenizer, cfg: ModelConfig) -> None:
     """Refuse a tokenizer whose ids do not fit the model's embedding table."""
     if isinstance(tokenizer, (str, os.PathLike)):
+        local = resolve_local_path(tokenizer, what="tokenizer path")
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        tokenizer = AutoTokenizer.from_pretrained(str(local))
     n = len(tokenizer)
     if n > cfg.vocab_size:
         raise CheckpointError(

@@ -20,6 +20,7 @@ from jaxalign.models.convert import (
     check_tokenizer,
     hf_config_dict,
     load_hf,
+    resolve_local_path,
     save_hf,
 )
 from jaxalign.models.gguf import gguf_to_hf, load_gguf
@@ -30,6 +31,6 @@ from jaxalign.models.tiny import tiny_config
 __all__ = [
     "SUPPORTED_FAMILIES", "CheckpointError", "KVCache", "ModelConfig", "RopeConfig", "Transformer",
     "UnsupportedConfigError", "ValueModel", "abstract_hf", "check_tokenizer", "clone_model", "config_from_hf",
-    "copy_tree", "gguf_to_hf", "hf_config_dict", "last_token_scores", "load_gguf", "load_hf", "save_hf", "tiny_config",
-    "with_value_head",
+    "copy_tree", "gguf_to_hf", "hf_config_dict", "last_token_scores", "load_gguf", "load_hf", "resolve_local_path",
+    "save_hf", "tiny_config", "with_value_head",
 ]

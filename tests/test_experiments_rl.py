@@ -53,3 +53,19 @@ def test_dapo_on_gsm8k_through_tfds(tmp_path):
         rows = rl.run(cfg)["rows"]
     assert len(rows) == 3 and rows[-1]["eval/greedy_reward"] >= 0.0
     assert cfg.reward.verifier == "numeric_match" and len(tok) < 128
+
+
+def test_train_section_reaches_the_step(tmp_path):
+    """`train.micro_batches` and `train.nan_policy` were once ignored by rl.py; both now change what runs."""
+    from jaxalign.training import NonFiniteError
+
+    cfg = _tiny(grpo_arithmetic.get_config(), tmp_path / "micro", arithmetic.TOKENIZER_DIR)
+    cfg.train.micro_batches = 3  # 16 rows do not split into 3
+    with pytest.raises(ValueError, match="does not split into 3 micro-batches"):
+        rl.run(cfg)
+    cfg = _tiny(grpo_arithmetic.get_config(), tmp_path / "nan", arithmetic.TOKENIZER_DIR)
+    cfg.train.nan_policy, cfg.optim.lr = "stop", 1e30
+    with pytest.raises(NonFiniteError):
+        rl.run(cfg)
+    written = json.loads((tmp_path / "nan" / "config.json").read_text())
+    assert written["train"]["nan_policy"] == "stop" and written["optim"]["lr"] == 1e30

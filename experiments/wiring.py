@@ -74,22 +74,28 @@ class TrainSection:
 
     micro_batches: split each batch into this many micro-batches (exact
     accumulation). nan_policy: `skip` drops a non-finite update, `stop` ends
-    the run with an error.
+    the run with an error. max_skipped_fraction: with `skip`, end the run
+    with an error once more than this fraction of its updates were skipped
+    (None: never).
     """
 
     steps: int = 1000
     micro_batches: int = 1
     nan_policy: str = "skip"
+    max_skipped_fraction: float | None = 0.5
     log_every: int = 10
     eval_every: int = 100
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSection:
-    """`config.checkpoint`: save every `every` steps, keep the newest `keep`."""
+    """`config.checkpoint`: save every `every` steps, keep the newest `keep`. on_corrupt: what
+    a resume does with a damaged newest step, `fallback` (to the newest intact one, with a
+    warning) or `error`."""
 
     every: int = 100
     keep: int = 3
+    on_corrupt: str = "fallback"
 
 
 # ---------------------------------------------------------------------------
@@ -492,9 +498,11 @@ def build_train_step(loss_fn, optimizer, state, model_def, train_cfg: TrainSecti
 def build_checkpointer(workdir: str, ckpt: CheckpointSection):
     from jaxalign import training
 
-    return training.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=ckpt.every, keep=ckpt.keep)
+    return training.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=ckpt.every, keep=ckpt.keep,
+                                 on_corrupt=ckpt.on_corrupt)
 
 
 def train_kwargs(train_cfg: TrainSection) -> dict:
     """The keywords of `training.train` that come from `config.train`."""
-    return dict(num_steps=train_cfg.steps, eval_every=train_cfg.eval_every, log_every=train_cfg.log_every)
+    return dict(num_steps=train_cfg.steps, eval_every=train_cfg.eval_every, log_every=train_cfg.log_every,
+                max_skipped_fraction=train_cfg.max_skipped_fraction)

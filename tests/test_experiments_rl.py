@@ -69,3 +69,7 @@ def test_train_section_reaches_the_step(tmp_path):
         rl.run(cfg)
     written = json.loads((tmp_path / "nan" / "config.json").read_text())
     assert written["train"]["nan_policy"] == "stop" and written["optim"]["lr"] == 1e30
+    cfg = _tiny(grpo_arithmetic.get_config(), tmp_path / "skips", arithmetic.TOKENIZER_DIR)
+    cfg.optim.lr, cfg.train.max_skipped_fraction = 1e30, 0.5  # nan_policy "skip": too many skips end the run
+    with pytest.raises(NonFiniteError, match="max_skipped_fraction"):
+        rl.run(cfg)

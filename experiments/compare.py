@@ -5,7 +5,8 @@
     python experiments/compare.py --config experiments/configs/ablation.py     # make ablation
 
 Writes results/<name>.{md,json,png} and the curves, and prints the table
-(mean ± 95% confidence interval over the seeds).
+(mean ± 95% confidence interval over the seeds); the resolved config (every
+run's algorithm with its preset filled in) goes to <workdir>/config.json.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from experiments.cli import launch  # noqa: E402
 
 
 def main(cfg) -> None:
-    from experiments import comparison, comparison_report as report
+    from experiments import comparison, comparison_report as report, wiring
 
     t0 = time.perf_counter()
+    wiring.write_config(cfg.workdir, {**cfg.to_dict(), "runs": comparison.selected_runs(cfg)})
     rows, curves, meta = comparison.run_comparison(cfg)
     meta["wall_time_s"] = time.perf_counter() - t0
     name = cfg.get("name", "comparison")

@@ -54,7 +54,7 @@ def layers_per_run(model: nnx.Module) -> int:
     """Consecutive layers one call of the layer loop runs: the fewest holding `RUN_BYTES` of weights,
     rounded up to a divisor of the depth where one is near (runs of one length share one program).
 
-    SmolLM2-135M (13.5 MiB a layer, 30 layers): 3. The tiny Llama (66 KiB, 2 layers): 2, all of them.
+    A 30-layer model of 13.5 MiB a layer: 3; a 2-layer model of 66 KiB a layer: 2, all of them.
     """
     depth = len(model.layers)
     leaves = jax.tree.leaves(nnx.state(model.layers[0], nnx.Param))

@@ -107,9 +107,9 @@ class Sampler:
       layer_loop: run the decoder by runs of consecutive layers, one compiled
         program per kind of run called once per run and token from the host
         (`layer_loop.py`), instead of one program for the whole generation.
-        The programs then hold a few layers whatever the depth: SmolLM2-135M's
-        compile takes 2 s instead of 14 and its first call's peak memory is
-        ~60 MiB lower, at the same tokens/s (docs/sampling.md). None: on for a
+        The programs then hold a few layers whatever the depth, so the
+        compile's time and memory stop growing with it (measured in
+        docs/sampling.md, The layer loop). None: on for a
         `Transformer` whose decoder makes at least `layer_loop.MIN_RUNS` runs.
         Params spread over more than one device always run as one program.
       layers_per_run: layers per run (default `layer_loop.layers_per_run`).

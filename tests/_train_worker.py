@@ -117,6 +117,104 @@ def run(workdir: str, steps: int, *, ckpt_every: int = 0, sleep: float = 0.0,
             ckpt.close()
 
 
+def _largest_file(d: str) -> str:
+    files = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+def corrupt_newest(ckpt_dir: str, rng) -> str:
+    """Damages the newest committed step of `ckpt_dir` (XOR of 64 bytes in the middle of its largest
+    state file, or its `state/_METADATA` cut in half); returns what was done."""
+    steps = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+    step_dir = os.path.join(ckpt_dir, str(steps[-1]))
+    if rng.random() < 0.5:
+        path = _largest_file(os.path.join(step_dir, "state"))
+        b = bytearray(open(path, "rb").read())
+        m = len(b) // 2
+        b[m:m + 64] = bytes(x ^ 0xFF for x in b[m:m + 64])
+        how = "xor 64 bytes of"
+    else:
+        path = os.path.join(step_dir, "state", "_METADATA")
+        b = open(path, "rb").read()[: os.path.getsize(path) // 2]
+        how = "truncated"
+    open(path, "wb").write(bytes(b))
+    return f"{how} {os.path.relpath(path, ckpt_dir)}"
+
+
+def soak(workdir: str, steps: int, *, every: int, kills: int, corruptions: int, seed: int = 0,
+         sleep: float = 0.15, log=print) -> dict:
+    """Runs the worker (a subprocess) to `steps`, killed with SIGKILL `kills` times and resumed each time.
+
+    Kill points alternate between "save" (right after the worker prints that it
+    saved a checkpoint, while Orbax writes it in the background) and "step" (a
+    random moment within the steps after its second save; Orbax commits a save
+    before it starts the next, so the first one is committed then). After each kill from the
+    second on, until `corruptions` are done, the newest checkpoint is damaged
+    before resuming (when an older one exists to fall back to). Returns counts
+    and the resume lines the worker printed.
+    """
+    import queue
+    import random
+    import signal
+    import subprocess
+    import threading
+
+    rng = random.Random(seed)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, os.path.abspath(__file__), "--workdir", workdir, "--steps", str(steps),
+           "--ckpt-every", str(every), "--sleep", str(sleep)]
+    ckpt_dir = os.path.join(workdir, "ckpt")
+    out = {"kills": 0, "kills_during_save": 0, "kills_during_step": 0, "corruptions": 0, "fell_back": 0,
+           "resume_lines": []}
+    for attempt in range(kills + 1):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+        final = attempt == kills
+        mode = "save" if attempt % 2 == 0 else "step"
+        saves_seen, target_saves, seen = 0, rng.randint(1, 2), []
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            try:
+                line = lines.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            seen.append(line)
+            if line.startswith(("resumed from step", "fell back to step")):
+                out["resume_lines"].append(line.strip())
+                out["fell_back"] += line.startswith("fell back")
+            if final:
+                continue
+            if line.startswith("saved checkpoint step"):
+                saves_seen += 1
+                if mode == "save" and saves_seen == target_saves:
+                    time.sleep(rng.uniform(0.0, 0.02))  # Orbax is still writing it in the background
+                    break
+                if mode == "step" and saves_seen == 2:  # the first of the two is committed by now
+                    time.sleep(rng.uniform(0.05, every * sleep))  # lands in one of the next steps
+                    break
+        if final:
+            proc.wait(timeout=300)
+            assert proc.returncode == 0, "".join(seen)[-3000:]
+            break
+        if proc.poll() is not None:  # finished before the kill point: nothing left to kill
+            log(f"worker finished before kill {attempt + 1}")
+            break
+        in_save = any(".orbax-checkpoint-tmp" in n for n in os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else False
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        out["kills"] += 1
+        out["kills_during_save" if in_save else "kills_during_step"] += 1
+        committed = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()) if os.path.isdir(ckpt_dir) else []
+        log(f"kill {out['kills']} ({mode}{', a save in flight' if in_save else ''}); committed steps {committed}")
+        # From the second kill on, until `corruptions` are done (deferred while no older step exists).
+        if attempt >= 1 and out["corruptions"] < corruptions and len(committed) >= 2:
+            log(f"  corrupted step {committed[-1]}: {corrupt_newest(ckpt_dir, rng)}")
+            out["corruptions"] += 1
+    return out
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", required=True)

@@ -170,6 +170,9 @@ def test_importance_weights_are_exactly_one_when_sampler_and_trainer_run_the_sam
     (dict(advantage="vtrace"), "algorithm.advantage='vtrace'; valid:"),
     (dict(is_correction="ppo"), "algorithm.is_correction='ppo'; valid:"),
     (dict(mu=0), "algorithm.mu=0 must be >= 1"),
+    (dict(kl_target=6.0), "needs kl_in_reward=True"),
+    (dict(is_correction="tis", is_cap=0.5), "algorithm.is_cap=0.5 must be >= 1"),
+    (dict(prompts_per_step=3, group_size=2, minibatches=4), "minibatches=4 does not divide the 6 rows"),
     (dict(clip_eps=0.2), "unknown algorithm field"),
 ])
 def test_the_config_refuses_what_cannot_run_in_one_line(overrides, message):

@@ -97,7 +97,7 @@ class OnPolicyConfig:
     vf_coef: float = 0.1
 
     def __post_init__(self):
-        from jaxalign.algorithms.registry import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
+        from jaxalign.algorithms.registry import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, per_token
 
         choices = {"advantage": ADVANTAGE_ESTIMATORS, "policy_loss": POLICY_LOSSES, "kl": KL_ESTIMATORS,
                    "agg": AGGREGATIONS, "is_correction": IS_CORRECTIONS, "is_level": ("token", "sequence"),
@@ -108,6 +108,13 @@ class OnPolicyConfig:
         for name in ("group_size", "prompts_per_step", "mu", "minibatches", "max_sampling_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"algorithm.{name}={getattr(self, name)} must be >= 1")
+        if self.prompts_per_step * self.group_size % self.minibatches:
+            raise ValueError(f"algorithm.minibatches={self.minibatches} does not divide the "
+                             f"{self.prompts_per_step * self.group_size} rows of a rollout")
+        if self.kl_target is not None and not self.kl_in_reward:
+            raise ValueError("algorithm.kl_target steers the KL in the reward: it needs kl_in_reward=True")
+        if self.is_cap < 1:
+            raise ValueError(f"algorithm.is_cap={self.is_cap} must be >= 1 (the band is [1/C, C])")
         if self.clip_eps_low is None and self.policy_loss != "cispo":
             raise ValueError(f"algorithm.clip_eps_low=None (no lower bound) is CISPO's; "
                              f"policy_loss {self.policy_loss!r} needs a number")
@@ -116,7 +123,7 @@ class OnPolicyConfig:
         if self.uses_critic and self.agg != "token-mean":
             raise ValueError(f"algorithm.advantage='gae' adds a token-mean value loss: agg must be 'token-mean', "
                              f"got {self.agg!r}")
-        if self.policy_loss == "gspo" and ADVANTAGE_ESTIMATORS[self.advantage].per_token:
+        if self.policy_loss == "gspo" and per_token(self.advantage):
             raise ValueError(f"algorithm.policy_loss='gspo' takes one advantage per sequence; "
                              f"advantage {self.advantage!r} gives one per token")
 

@@ -38,6 +38,7 @@ from jaxalign.algorithms.registry import (
     ADVANTAGE_ESTIMATORS,
     POLICY_LOSSES,
     AdvantageInputs,
+    per_token,
     register_advantage_estimator,
     register_policy_loss,
 )
@@ -66,6 +67,16 @@ _kl = jax.jit(kl_penalty, static_argnames="kind")
 _correction = jax.jit(importance_correction, static_argnames=("is_correction", "is_cap", "is_level"))
 
 
+def _on_any_process(flag: bool) -> bool:
+    """`flag` or-ed over the processes of a multi-host run, so that all of them skip an empty step
+    together (each holds its own rows; the train step is one collective program)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
 def batch_layout(cfg: OnPolicyConfig, sampling: SamplingConfig, prompt_width: int) -> dict[str, tuple]:
     """The training batch: `{name: (shape after the row axis, dtype)}`; what `rollout` builds and
     `batch_like` compiles ahead with.
@@ -80,7 +91,7 @@ def batch_layout(cfg: OnPolicyConfig, sampling: SamplingConfig, prompt_width: in
     t, n = prompt_width + sampling.max_new_tokens, sampling.max_new_tokens
     layout = {k: ((t,), np.int32) for k in ("tokens", "attention_mask", "positions")}
     layout.update({k: ((n,), np.float32) for k in ("mask", "old_logps")})
-    layout["advantages"] = ((n,) if ADVANTAGE_ESTIMATORS[cfg.advantage].per_token else (), np.float32)
+    layout["advantages"] = ((n,) if per_token(cfg.advantage) else (), np.float32)
     if cfg.needs_reference and not cfg.kl_in_reward:
         layout["ref_logps"] = ((n,), np.float32)
     if cfg.is_correction == "tis":
@@ -132,9 +143,6 @@ class OnPolicyStep:
 
     def __init__(self, cfg: OnPolicyConfig, sampling: SamplingConfig, *, train_step, model, reward_fn, tokenizer,
                  prompts, reference=None, seed: int = 0):
-        if cfg.prompts_per_step * cfg.group_size % cfg.minibatches:
-            raise ValueError(f"algorithm.minibatches={cfg.minibatches} does not divide the "
-                             f"{cfg.prompts_per_step * cfg.group_size} rows of a rollout")
         self.cfg, self.sampling, self.train_step = cfg, sampling, train_step
         self.reward_fn, self.tokenizer, self.prompts = reward_fn, tokenizer, prompts
         policy = model.actor if cfg.uses_critic else model
@@ -222,7 +230,7 @@ class OnPolicyStep:
         """Steps 1-6: the training batch (None when no token is left to train on) and rollout metrics."""
         cfg, n = self.cfg, self.sampling.max_new_tokens
         drawn, real, metrics = self._draw(self.policy_params(params), prompt_batch, step)
-        if real == 0:
+        if not _on_any_process(real > 0):
             return None, metrics
         tokens, attention = drawn["tokens"], drawn["attention_mask"]
         completion = drawn["loss_mask"][:, -n:].astype(np.float32)
@@ -252,7 +260,7 @@ class OnPolicyStep:
                                                  is_level=cfg.is_level)
         metrics.update({k: float(v) for k, v in mismatch.items()})
         mask = np.asarray(mask)
-        if not mask.any():
+        if not _on_any_process(mask.any()):
             return None, metrics
         fields = {"tokens": tokens, "attention_mask": attention, "positions": positions(attention), "mask": mask,
                   "old_logps": old, "advantages": pad(np.asarray(adv, np.float32)), "ref_logps": ref,

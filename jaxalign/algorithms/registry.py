@@ -96,6 +96,11 @@ def register_policy_loss(name: str):
     return register
 
 
+def per_token(name: str) -> bool:
+    """Whether the estimator `name` gives one advantage per token (`[R, N]`) rather than per sequence."""
+    return getattr(ADVANTAGE_ESTIMATORS[name], "per_token", False)
+
+
 # Each a single compiled program (eager jnp ops would compile one small program per op and shape).
 _group = jax.jit(group_advantages, static_argnums=1, static_argnames=("scale", "eps"))
 _rloo = jax.jit(rloo_advantages, static_argnums=1)

@@ -186,7 +186,7 @@ def prepare(
                 shutil.rmtree(path, ignore_errors=True)
             raise
     downloads = os.path.join(data_dir, "downloads")
-    if downloads in created and not any(files for _, _, files in os.walk(downloads)):
+    if downloads in created and os.path.isdir(downloads) and not any(f for _, _, f in os.walk(downloads)):
         shutil.rmtree(downloads)  # TFDS makes it for every build; a local build leaves it empty
     return builder.as_data_source()
 

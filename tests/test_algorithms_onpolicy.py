@@ -28,7 +28,7 @@ def test_new_presets_take_steps_that_change_the_params(task, preset):  # noqa: F
                                                                   jax.tree.leaves(state.params))]
     assert all(moved)
     if preset == "reinforce_pp":  # β > 0 with the KL in the reward: a reference, and its KL logged
-        assert np.isfinite(hist[-1]["kl_ref"]) and hist[-1]["kl_coef"] == pytest.approx(0.01)
+        assert np.isfinite(hist[-1]["kl_ref"]) and hist[-1]["beta"] == pytest.approx(0.01)
         assert "ref_logps" not in run.step.batch_like(next(loader)) and "kl" not in hist[-1]
 
 
@@ -97,7 +97,7 @@ def _docs_example() -> str:
 
 def test_the_docs_worked_example_adds_an_estimator_the_driver_uses(task):  # noqa: F811
     """docs/algorithms.md's example, executed: its estimator is registered by the decorator,
-    checked on hand-computed values, and used by the driver for a rollout and a step."""
+    checked on hand-computed values, and used by the driver to build the training batch."""
     namespace = {}
     exec(compile(_docs_example(), str(DOCS), "exec"), namespace)
     try:
@@ -118,8 +118,7 @@ def test_the_docs_worked_example_adds_an_estimator_the_driver_uses(task):  # noq
         batch, _ = run.step.rollout(run.state.params, next(loader), 0)
         want = estimator(AdvantageInputs(rewards=seen[-1], mask=batch["mask"], group_size=4), None)
         np.testing.assert_array_equal(batch["advantages"], want)
-        state, hist = train(run, loader, 1)
-        assert int(state.step) == 1 and np.isfinite(hist[0]["loss"])
+        assert np.abs(want).max() > 0  # the tiny model's rewards differ within some group
     finally:
         ADVANTAGE_ESTIMATORS.pop("group_rank", None)
 

@@ -244,7 +244,7 @@ class OnPolicyStep:
             token_kl = np.asarray(_kl(old, ref, kind=cfg.kl)) * completion
             seq_kl = token_kl[:real].sum(1)
             self.kl_state = self.kl_ctl.update(self.kl_state, float(seq_kl.mean()), real)
-            metrics.update(kl_ref=float(seq_kl.mean()), kl_coef=beta)
+            metrics.update(kl_ref=float(seq_kl.mean()), beta=beta)
         inputs = AdvantageInputs(rewards=drawn["scores"][:real], mask=completion[:real], group_size=cfg.group_size,
                                  beta=beta, token_kl=None if token_kl is None else token_kl[:real],
                                  values=None if values is None else values[:real])

@@ -118,8 +118,13 @@ def test_dynamic_sampling_refills_the_batch(task):
 def test_an_empty_batch_makes_no_update_and_says_so(task):
     """Dynamic sampling finds no informative group within its rounds: no rows are duplicated,
     the step makes no update (not even one the NaN guard drops) and logs `empty_batch`."""
-    run, loader = build(task, "dapo", reward_fn=lambda r: np.ones(len(r.completions), np.float32),
-                        max_sampling_rounds=2)
+    drawn = []
+
+    def all_right(rollout):
+        drawn.append(rollout.completions)
+        return np.ones(len(rollout.completions), np.float32)
+
+    run, loader = build(task, "dapo", reward_fn=all_right, max_sampling_rounds=2)
     before = jax.tree.map(np.array, run.state.params)
     state, hist = train(run, loader, 1)
     assert hist[0]["groups_drawn"] == 8 and hist[0]["groups_kept"] == 0
@@ -128,6 +133,13 @@ def test_an_empty_batch_makes_no_update_and_says_so(task):
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(a, np.asarray(b))
     assert hist[0]["finite"] == 1  # what the loop's NaN check reads: nothing non-finite happened
+    # `state.step` did not move, yet the next step samples with a new key: the same prompts twice
+    # give different completions.
+    prompt_batch = next(loader)
+    for _ in range(2):
+        state, m = run.step(state, prompt_batch)
+        assert m["empty_batch"] == 1
+    assert drawn[-2] != drawn[-4]
 
 
 def test_same_seed_same_results(task):

@@ -162,6 +162,8 @@ class OnPolicyStep:
         self.eos_ids = (tokenizer.eos_token_id,)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._compiled_widths: set[int] = set()
+        # Steps in a row that made no update: `state.step` did not move, so the sampling key must.
+        self._empty_streak = 0
 
     @property
     def nan_policy(self) -> str:
@@ -199,7 +201,10 @@ class OnPolicyStep:
         kept, drawn, rounds, first, gen_tokens = [], 0, 0, None, 0
         t0 = time.perf_counter()
         while True:
-            rng = jax.random.fold_in(jax.random.fold_in(self.key, step), rounds)
+            key = jax.random.fold_in(self.key, step)
+            if self._empty_streak:
+                key = jax.random.fold_in(jax.random.fold_in(key, 2**31 - 1), self._empty_streak)
+            rng = jax.random.fold_in(key, rounds)
             rollout, arrays = sample(self.sampler, params, prompt_batch, n=g, cfg=self.sampling,
                                      eos_ids=self.eos_ids, pad_id=self.pad_id, rng=rng, tokenizer=self.tokenizer)
             arrays["scores"] = scores = self._scores(rollout)
@@ -284,6 +289,7 @@ class OnPolicyStep:
         batch, metrics = self.rollout(state.params, prompt_batch, step)
         metrics["rollout_time_s"] = time.perf_counter() - t0
         metrics["empty_batch"] = float(batch is None)
+        self._empty_streak = self._empty_streak + 1 if batch is None else 0
         if batch is None:
             # No update, and nothing non-finite: the loop's NaN check must not fire.
             metrics.update(finite=True, step_time_s=time.perf_counter() - t0)

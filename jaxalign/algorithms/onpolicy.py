@@ -247,9 +247,10 @@ class OnPolicyStep:
         beta, token_kl = float(self.kl_state.kl_coef), None
         if cfg.kl_in_reward and ref is not None:
             token_kl = np.asarray(_kl(old, ref, kind=cfg.kl)) * completion
-            seq_kl = token_kl[:real].sum(1)
-            self.kl_state = self.kl_ctl.update(self.kl_state, float(seq_kl.mean()), real)
-            metrics.update(kl_ref=float(seq_kl.mean()), beta=beta)
+            if real:  # (a process of a multi-host run may hold no row this step)
+                seq_kl = token_kl[:real].sum(1)
+                self.kl_state = self.kl_ctl.update(self.kl_state, float(seq_kl.mean()), real)
+                metrics.update(kl_ref=float(seq_kl.mean()), beta=beta)
         inputs = AdvantageInputs(rewards=drawn["scores"][:real], mask=completion[:real], group_size=cfg.group_size,
                                  beta=beta, token_kl=None if token_kl is None else token_kl[:real],
                                  values=None if values is None else values[:real])
@@ -285,9 +286,9 @@ class OnPolicyStep:
         if width not in self._compiled_widths:  # before the rollout: see the class docstring
             self.train_step.compiled(state, self.batch_like(prompt_batch))
             self._compiled_widths.add(width)
-        step = int(jax.device_get(state.step))
+        step, t_rollout = int(jax.device_get(state.step)), time.perf_counter()
         batch, metrics = self.rollout(state.params, prompt_batch, step)
-        metrics["rollout_time_s"] = time.perf_counter() - t0
+        metrics["rollout_time_s"] = time.perf_counter() - t_rollout
         metrics["empty_batch"] = float(batch is None)
         self._empty_streak = self._empty_streak + 1 if batch is None else 0
         if batch is None:

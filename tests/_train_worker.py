@@ -124,11 +124,13 @@ def _largest_file(d: str) -> str:
 
 def corrupt_newest(ckpt_dir: str, rng) -> str:
     """Damages the newest committed step of `ckpt_dir` (XOR of 64 bytes in the middle of its largest
-    state file, or its `state/_METADATA` cut in half); returns what was done."""
+    data file, or its `state/_METADATA` cut in half); returns what was done."""
     steps = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
     step_dir = os.path.join(ckpt_dir, str(steps[-1]))
     if rng.random() < 0.5:
-        path = _largest_file(os.path.join(step_dir, "state"))
+        # The merged OCDBT files in state/d are what a restore reads (state/ocdbt.process_*/ hold copies).
+        merged = os.path.join(step_dir, "state", "d")
+        path = _largest_file(merged if os.path.isdir(merged) else os.path.join(step_dir, "state"))
         b = bytearray(open(path, "rb").read())
         m = len(b) // 2
         b[m:m + 64] = bytes(x ^ 0xFF for x in b[m:m + 64])

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -170,7 +171,7 @@ class Checkpointer:
                 if self.on_corrupt == "error":
                     raise
                 reasons.append(f"{e}; set aside as {self._set_aside(step)}")
-                logger.warning(reasons[-1])
+                logger.info(reasons[-1])  # `train` prints the one visible line
         if reasons:
             raise CorruptCheckpointError(f"no intact checkpoint in {self.directory}: " + " | ".join(reasons))
         return None
@@ -210,6 +211,7 @@ class Checkpointer:
             out = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract._asdict()), data=ocp.args.JsonRestore()))
         except Exception as e:  # Orbax and TensorStore raise many types; all mean "cannot read this step"
+            _mute_closed_loop_callbacks()
             raise CorruptCheckpointError(f"{where}: {_describe_read_error(e)}") from e
         return TrainState(**out["state"]), out["data"] or {}
 
@@ -315,6 +317,25 @@ def _verify(tree: dict, data: dict, integrity: dict | None, where: str) -> None:
         raise CorruptCheckpointError(f"{where}: file data/metadata differs from what was saved (SHA-256 mismatch)")
 
 
+def _mute_closed_loop_callbacks() -> None:
+    """After a failed read, Orbax has closed its event loop while TensorStore reads of the same
+    restore are still in flight; each one that completes then reports "Event loop is closed"
+    through `sys.unraisablehook` (dozens of tracebacks on the console). Those, and only those, are
+    dropped from now on; every other unraisable exception goes to the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxalign_mutes_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._jaxalign_mutes_closed_loop = True
+    sys.unraisablehook = hook
+
+
 def _describe_read_error(e: Exception) -> str:
     """A one-line reason naming the tensor (and file) that TensorStore reports, from the innermost error."""
     chain = []
@@ -322,7 +343,7 @@ def _describe_read_error(e: Exception) -> str:
         chain.append(e)
         e = e.__cause__ or e.__context__
     for err in reversed(chain):  # the innermost TensorStore error says what failed
-        text = str(err)
+        text = str(err).split(" [tensorstore_spec", 1)[0]
         tensor = re.search(r'Error reading "([^"/]+)', text)
         if tensor:
             code = re.match(r"([A-Z_]+):", text)

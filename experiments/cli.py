@@ -46,6 +46,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a bad `--config.*` override reported in one line."""
     from absl import flags
 
+    # Paths given on the command line are checked before the config file is loaded (it imports jax).
+    check_model_paths({"model": {k: a.split("=", 1)[1] for a in argv for k in ("path", "tokenizer")
+                                 if a.startswith(f"--config.model.{k}=")}})
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001 - absl and ml_collections raise several kinds

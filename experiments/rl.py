@@ -23,11 +23,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import wiring  # noqa: E402
 from experiments.cli import launch  # noqa: E402
-from jaxalign import sharding  # noqa: E402
 
 
 def run(config) -> dict:
     import jax
+
+    from jaxalign import sharding
 
     from jaxalign import data, models, training
     from jaxalign.algorithms import evaluation

@@ -18,7 +18,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import wiring  # noqa: E402
 from experiments.cli import launch  # noqa: E402
-from jaxalign import sharding  # noqa: E402
 
 
 def one_pass(loader):
@@ -72,6 +71,8 @@ class _Mapped:
 
 def run(config) -> dict:
     import jax
+
+    from jaxalign import sharding
 
     from jaxalign import models, training
 

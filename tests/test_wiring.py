@@ -128,3 +128,22 @@ def test_write_config_records_the_resolved_sections(tmp_path):
     assert written["algorithm"]["dynamic_sampling"] is True and written["algorithm"]["clip_eps_high"] == 0.3
     assert written["optim"]["lr"] == 2e-4 and written["sampling"]["max_new_tokens"] == 6
     assert set(written["algorithm"]) == _fields(onpolicy.OnPolicyConfig)
+
+
+@pytest.mark.parametrize("script, config", [("train.py", "sft_jsonl.py"), ("rl.py", "grpo_arithmetic.py")])
+def test_missing_model_path_fails_before_jax_is_imported(script, config):
+    """The path check runs before anything slow: the command ends without importing jax (well under a second)."""
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['{script}', '--config={ROOT / 'experiments/configs' / config}',"
+            " '--config.model.path=someorg/somemodel']\n"
+            "try:\n"
+            f"    runpy.run_path('{ROOT / 'experiments' / script}', run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    print('jax imported:', 'jax' in sys.modules)\n"
+            "    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.stdout.splitlines() == [
+        "jax imported: False",
+        "error: config.model.path 'someorg/somemodel' does not exist on this machine "
+        "(jaxalign loads local directories only; it downloads nothing)"]

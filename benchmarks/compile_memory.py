@@ -98,12 +98,14 @@ def _compile(lowered, options, meter: PeakRSS) -> tuple[int, int, float, int]:
 def step(args) -> None:
     from benchmarks.runners.jaxalign_runner import build_dpo
     from jaxalign.algorithms import dpo
+    from jaxalign.algorithms.common import pair_options
     from jaxalign.host import train_step_compiler_options
 
     meter = PeakRSS()
     s = workloads.spec(args.model, "dpo_step", False)
     setup = build_dpo(args.model_dir or str(ROOT / "benchmarks" / ".models" / args.model), s)
-    programs = setup.step.lower(setup.state, dpo.attach_reference(setup.batch, ref_fn=setup.ref_fn))
+    arrays, options = pair_options(dpo.attach_reference(setup.batch, ref_fn=setup.ref_fn))
+    programs = setup.step.train_step.lower(setup.state, arrays, **options)
     extra = _parse_options(args.option)
     # As TrainStep compiles them: the dot fusions for the step or its gradient program, XLA's defaults
     # for a separate update program.

@@ -35,6 +35,7 @@ from ml_collections import ConfigDict
 from experiments import wiring
 from jaxalign import data, models, training
 from jaxalign.algorithms import dpo, evaluation, onpolicy, reward_model
+from jaxalign.algorithms.common import PairStep
 from jaxalign.algorithms.rollout import SamplingConfig
 from jaxalign.comparison import (Evaluator, build_task, label_pairs, prompt_loader, train_reward_model,
                                  train_sft)
@@ -139,8 +140,8 @@ def setup_dpo(spec: RunSpec, seed: int, model, sft_params, pairs) -> Run:
     table = dpo.precompute_reference(ref_fn, pairs, batch_size=spec.batch_size)
     opt = _optimizer(spec.lr)
     state, mdef = training.init_train_state(policy, opt, seed=seed)
-    step = training.make_train_step(dpo.make_dpo_loss_fn(spec.algorithm), opt, model_def=mdef,
-                                    shardings=training.state_shardings(state))
+    step = PairStep(training.make_train_step(dpo.make_dpo_loss_fn(spec.algorithm), opt, model_def=mdef,
+                                             shardings=training.state_shardings(state)))
     batches = (dpo.attach_reference(b, table=table) for b in loader)
     n = evaluation.count_params(sft_params)
     return Run(spec.label, state, step, batches, lambda p: p, [("policy (reference log-probs precomputed)", n)],

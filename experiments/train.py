@@ -72,9 +72,8 @@ class _Mapped:
 def run(config) -> dict:
     import jax
 
-    from jaxalign import sharding
-
-    from jaxalign import models, training
+    from jaxalign import models, sharding, training
+    from jaxalign.algorithms.common import PairStep, pair_options
 
     cfg = wiring.resolve_train(config)
     workdir, algo = cfg["workdir"], cfg["name"]
@@ -88,10 +87,19 @@ def run(config) -> dict:
                                     precompute_reference=cfg["precompute_reference"])
     optimizer = training.make_optimizer(cfg["optim"])
     state, model_def = training.init_train_state(model, optimizer, mesh=mesh, seed=cfg["seed"])
-    step = wiring.build_train_step(loss_fn, optimizer, state, model_def, cfg["train"])
+    train_step = wiring.build_train_step(loss_fn, optimizer, state, model_def, cfg["train"])
+    # Preference batches carry the batcher's score_width; DPO scores only those columns (`last=`).
+    scores_last = algo == "dpo"
+    step = train_step if kind == "sft" else PairStep(train_step, last=scores_last)
     batches = _Mapped(train_loader, transform) if transform else train_loader
 
-    evaluator = jax.jit(lambda p, b: loss_fn(model_def.merge(p), b, jax.random.key(0)))
+    def split(batch):
+        """(arrays placed on the mesh, the loss's static options)."""
+        arrays, options = (batch, {}) if kind == "sft" else pair_options(batch, last=scores_last)
+        return train_step.place_batch(arrays), options
+
+    evaluator = jax.jit(lambda p, b, options: loss_fn(model_def.merge(p), b, jax.random.key(0), **dict(options)),
+                        static_argnums=2)
 
     def evaluate(state, step_num):
         if test_loader is None:
@@ -99,8 +107,8 @@ def run(config) -> dict:
         test_loader.epoch = test_loader.step = 0
         nums = dens = 0.0
         for batch in test_loader:
-            batch = transform(batch) if transform else batch
-            (num, den), _ = evaluator(state.params, step.place_batch(batch))
+            arrays, options = split(transform(batch) if transform else batch)
+            (num, den), _ = evaluator(state.params, arrays, tuple(sorted(options.items())))
             nums, dens = nums + float(num), dens + float(den)
         return {"loss": nums / max(dens, 1.0)}
 
@@ -114,7 +122,7 @@ def run(config) -> dict:
         from jaxalign.algorithms import reward_model
 
         scorer = jax.jit(lambda p, b: reward_model.pair_scores(model_def.merge(p), b))
-        stats = reward_model.reward_statistics(lambda b: scorer(state.params, step.place_batch(b)),
+        stats = reward_model.reward_statistics(lambda b: scorer(state.params, split(b)[0]),
                                                one_pass(train_loader))
         extra = {reward_model.NORM_KEY: stats}
     models.save_hf(trained, os.path.join(workdir, "export"), tokenizer=tokenizer, extra_config=extra)

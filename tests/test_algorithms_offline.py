@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxalign import data, models
+from jaxalign import data, models, training
 from jaxalign.algorithms import dpo
+from jaxalign.algorithms.common import PairStep, pair_options
 from jaxalign.tasks import arithmetic
 
 
@@ -62,31 +63,44 @@ def test_unknown_loss_type_is_refused():
 
 def test_scoring_the_responses_only_gives_the_full_width_loss_and_gradient(setup):
     _, model, batch = setup
-    width, length = batch["score_width"], batch["chosen_tokens"].shape[1]
+    full, options = pair_options(batch)
+    width, length = options["last"], batch["chosen_tokens"].shape[1]
     assert width < length - 1  # the prompt columns are really skipped
-    full = {k: v for k, v in batch.items() if k != "score_width"}
-    ref_fn = dpo.make_reference_fn(model)
+    ref_fn = dpo.make_reference_fn(model)  # reads the batcher's score_width itself
     for got, want in zip(ref_fn(batch), ref_fn(full)):
         np.testing.assert_allclose(got, want, rtol=1e-6)
-    batch, full = (dpo.attach_reference(b, ref_fn=ref_fn) for b in (batch, full))
-    batch["ref_chosen_logps"] = batch["ref_chosen_logps"] + 0.3  # a policy away from its reference
-    full["ref_chosen_logps"] = batch["ref_chosen_logps"]
+    full = dpo.attach_reference(full, ref_fn=ref_fn)
+    full["ref_chosen_logps"] = full["ref_chosen_logps"] + 0.3  # a policy away from its reference
     loss_fn = dpo.make_dpo_loss_fn(dpo.DPOConfig(rpo_alpha=0.5))
 
-    def value_and_grad(b):
-        loss = lambda m: (lambda p: p[0] / p[1])(loss_fn(m, b, None)[0])
+    def value_and_grad(**opts):
+        loss = lambda m: (lambda p: p[0] / p[1])(loss_fn(m, full, None, **opts)[0])
         return float(loss(model)), jax.tree.leaves(nnx.state(nnx.grad(loss)(model), nnx.Param))
 
-    (lw, gw), (lf, gf) = value_and_grad(batch), value_and_grad(full)
+    (lw, gw), (lf, gf) = value_and_grad(last=width), value_and_grad()
     assert lw == pytest.approx(lf, rel=1e-6)
     for a, b in zip(gw, gf):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_score_width_must_be_a_compile_time_int(setup):
+def test_the_scored_width_is_an_explicit_option_of_the_step_never_an_int_in_the_batch(setup):
     _, model, batch = setup
     batch = dpo.attach_reference(batch, ref_fn=dpo.make_reference_fn(model))
-    loss_fn = dpo.make_dpo_loss_fn(dpo.DPOConfig())
-    traced = jax.jit(lambda b: loss_fn(model, b, None)[0])
-    with pytest.raises(TypeError, match="score_width must be a Python int"):
-        traced({**batch, "score_width": jnp.int32(batch["score_width"])})
+    opt = training.make_optimizer(training.OptimConfig(lr=1e-3, schedule="constant"))
+
+    def fresh_step():
+        state, mdef = training.init_train_state(models.clone_model(model), opt)
+        return state, training.make_train_step(dpo.make_dpo_loss_fn(dpo.DPOConfig()), opt, model_def=mdef,
+                                               shardings=training.state_shardings(state))
+
+    state, step = fresh_step()
+    with pytest.raises(TypeError, match=r"batch\['score_width'\] is the Python int .* step\(state, batch, last=N\)"):
+        step(state, batch)
+    arrays, options = pair_options(batch)
+    _, explicit = step(state, arrays, **options)
+    state, step = fresh_step()
+    _, paired = PairStep(step)(state, batch)
+    assert float(paired["loss"]) == float(explicit["loss"])
+    state, step = fresh_step()
+    _, full = step(state, arrays)  # every column scored: the same loss, another program
+    assert float(full["loss"]) == pytest.approx(float(explicit["loss"]), rel=1e-6)

@@ -222,11 +222,10 @@ def test_step_compiles_once_per_batch_shape():
 
 
 @pytest.mark.parametrize("micro_batches", [1, 2])
-def test_python_int_in_the_batch_is_a_compile_time_constant(micro_batches):
+def test_step_options_are_compile_time_constants_passed_to_the_loss(micro_batches):
     seen = []
 
-    def last_k_loss(model, batch, rng):
-        k = batch["k"]
+    def last_k_loss(model, batch, rng, *, k):
         seen.append(k)
         assert type(k) is int  # the loss gets the int itself, not a traced scalar
         return token_mean_loss(model, {"tokens": batch["tokens"][:, -k:], "mask": batch["mask"][:, -k:]}, rng)
@@ -240,7 +239,7 @@ def test_python_int_in_the_batch_is_a_compile_time_constant(micro_batches):
     batch["mask"][:] = 1
     losses = {}
     for k in (6, 9, 6):
-        _, metrics = step(fresh()[0], {**batch, "k": k})
+        _, metrics = step(fresh()[0], batch, k=k)
         losses.setdefault(k, []).append(float(metrics["loss"]))
     assert len(step._executables) == 2 and sorted(set(seen)) == [6, 9]
     assert losses[6][0] == losses[6][1] != losses[9][0]
@@ -249,6 +248,9 @@ def test_python_int_in_the_batch_is_a_compile_time_constant(micro_batches):
                             micro_batches=micro_batches)
     _, want = plain(fresh()[0], {k: v[:, -9:] for k, v in batch.items()})
     assert losses[9][0] == pytest.approx(float(want["loss"]), rel=1e-6)
+    # An option hidden in the batch is refused, naming it.
+    with pytest.raises(TypeError, match=r"batch\['k'\] is the Python int 9"):
+        step(fresh()[0], {**batch, "k": 9})
 
 
 def test_train_step_compiler_options_choice(monkeypatch):

@@ -96,6 +96,7 @@ def build_dpo(model_dir: str, s: dict) -> DPOSetup:
     from experiments import wiring
     from jaxalign import training
     from jaxalign.algorithms import dpo
+    from jaxalign.algorithms.common import PairStep
     from jaxalign.data import collate_preference
     from jaxalign.models import clone_model, load_hf
 
@@ -110,7 +111,7 @@ def build_dpo(model_dir: str, s: dict) -> DPOSetup:
     optimizer = training.make_optimizer(training.OptimConfig(lr=workloads.LR, schedule="constant",
                                                              warmup_steps=0, grad_clip_norm=0.0))
     state, model_def = training.init_train_state(model, optimizer)
-    step = wiring.build_train_step(loss_fn, optimizer, state, model_def, wiring.TrainSection())
+    step = PairStep(wiring.build_train_step(loss_fn, optimizer, state, model_def, wiring.TrainSection()))
     return DPOSetup(step, state, batch, ref_fn, cfg, loss_fn, model_def)
 
 
@@ -139,20 +140,20 @@ def dpo_step(model_dir: str, model_name: str, s: dict) -> list[dict]:
             workloads.row("dpo_step", model_name, FW, "model_flops", flops, "FLOP")]
 
 
-def _loss_and_grad(loss_fn, model_def, params, arrays, static: dict | None = None):
+def _loss_and_grad(loss_fn, model_def, params, arrays, options: dict | None = None):
     """The train step's loss and gradient compiled alone (same compiler options; no optimizer,
-    gradient norm or NaN guard): `(params, arrays) -> (loss, grads)`. `static`: compile-time
-    ints of the batch (the DPO batch's `score_width`)."""
+    gradient norm or NaN guard): `(params, arrays) -> (loss, grads)`. `options`: the step's
+    static options (DPO's `last`)."""
     import jax
 
     from jaxalign.host import train_step_compiler_options
 
     def loss(params, arrays):
-        (num, den), _ = loss_fn(model_def.merge(params), {**arrays, **(static or {})}, None)
+        (num, den), _ = loss_fn(model_def.merge(params), arrays, None, **(options or {}))
         return num / den
 
-    options = train_step_compiler_options(jax.devices()[0].platform)
-    return jax.jit(jax.value_and_grad(loss)).lower(params, arrays).compile(options)
+    compiler = train_step_compiler_options(jax.devices()[0].platform)
+    return jax.jit(jax.value_and_grad(loss)).lower(params, arrays).compile(compiler)
 
 
 def gemm_rate():
@@ -228,12 +229,13 @@ def dpo_parts(model_dir: str, model_name: str, s: dict) -> list[dict]:
     matmul-bound work. The three run in turn, `steps` times after `warmup`; medians.
     """
     from jaxalign.algorithms import dpo
+    from jaxalign.algorithms.common import pair_options
 
     step, state, batch, ref_fn, cfg, loss_fn, model_def = build_dpo(model_dir, s)
     full = dpo.attach_reference(batch, ref_fn=ref_fn)
-    width = full["score_width"]  # a compile-time int, as in the train step
-    arrays = step.place_batch({k: v for k, v in full.items() if k != "score_width"})
-    fwd_bwd = _loss_and_grad(loss_fn, model_def, state.params, arrays, {"score_width": width})
+    arrays, options = pair_options(full)  # the scored width: a static option, as in the train step
+    width, arrays = options["last"], step.train_step.place_batch(arrays)
+    fwd_bwd = _loss_and_grad(loss_fn, model_def, state.params, arrays, options)
     times, state = _in_turn({"reference": lambda st: dpo.attach_reference(batch, ref_fn=ref_fn),
                              "fwd_bwd": lambda st: fwd_bwd(st.params, arrays)},
                             step, state, full, s, rate=gemm_rate())

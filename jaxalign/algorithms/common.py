@@ -63,3 +63,35 @@ def entropy_from_logits(logits: Array, mask: Array) -> Array:
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
     return jnp.sum(ent * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def pair_options(batch: dict, *, last: bool = True) -> tuple[dict, dict]:
+    """(arrays, static options) of a preference batch: the batcher's `score_width` (a Python
+    int, the trailing columns that hold every response token) becomes the explicit option
+    `last=` of a loss that scores responses (`last=False`: dropped, for one that does not)."""
+    arrays = {k: v for k, v in batch.items() if k != "score_width"}
+    return arrays, {"last": batch["score_width"]} if last and "score_width" in batch else {}
+
+
+class PairStep:
+    """The train step over preference batches for the loop: `(state, batch) -> (state, metrics)`.
+
+    Passes the batch's `score_width` to `train_step` as the explicit option
+    `last=` (`pair_options`), so the loss never reads an int out of its batch;
+    `last=False` for a loss without that option (the reward model).
+    """
+
+    def __init__(self, train_step, *, last: bool = True):
+        self.train_step, self.last = train_step, last
+
+    @property
+    def nan_policy(self) -> str:
+        return self.train_step.nan_policy
+
+    def memory_bytes(self, state, batch: dict) -> int | None:
+        arrays, opts = pair_options(batch, last=self.last)
+        return self.train_step.memory_bytes(state, arrays, **opts)
+
+    def __call__(self, state, batch: dict):
+        arrays, opts = pair_options(batch, last=self.last)
+        return self.train_step(state, arrays, **opts)

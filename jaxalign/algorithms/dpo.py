@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.algorithms.common import response_logprobs, sequence_logprob
+from jaxalign.algorithms.common import PairStep, pair_options, response_logprobs, sequence_logprob
 from jaxalign.losses import DPO_LOSSES, dpo_loss, orpo_loss, simpo_loss
 
 
@@ -41,38 +41,34 @@ class DPOConfig:
         return self.loss_type not in ("simpo", "orpo")
 
 
-def pair_logprobs(model, batch: dict):
+def pair_logprobs(model, batch: dict, *, last: int | None = None):
     """Summed response log-probs and lengths of chosen and rejected: four `[B]` arrays.
 
-    One forward over the `[2B, T]` stack (chosen rows first). With the int
-    `score_width` that `collate_preference` adds, the LM head and softmax run
-    on the last `score_width` columns only (the responses; the prompt's
-    logits are never used), which gives the same sums.
+    One forward over the `[2B, T]` stack (chosen rows first). With `last`
+    (the `score_width` that `collate_preference` computes; see `pair_options`),
+    the LM head and softmax run on the last `last` columns only (the
+    responses; the prompt's logits are never used), which gives the same sums.
     """
     keys = ("tokens", "loss_mask", "attention_mask", "positions")
     stacked = {k: jnp.concatenate([batch["chosen_" + k], batch["rejected_" + k]]) for k in keys}
-    width = batch.get("score_width")
-    try:
-        width = None if width is None else int(width)
-    except jax.errors.ConcretizationTypeError as e:
-        raise TypeError("score_width must be a Python int (a compile-time constant), not a traced array: "
-                        "keep it out of jnp.asarray / jit arguments (the train step keeps ints static)") from e
-    logps, mask = response_logprobs(model, stacked, last=width)
+    logps, mask = response_logprobs(model, stacked, last=last)
     seq, length = sequence_logprob(logps, mask), mask.sum(-1)
     b = batch["chosen_tokens"].shape[0]
     return seq[:b], seq[b:], length[:b], length[b:]
 
 
 def make_dpo_loss_fn(cfg: DPOConfig):
-    """`loss_fn(policy, batch, rng)` for `make_train_step`; returns (sum, count) over pairs.
+    """`loss_fn(policy, batch, rng, *, last=None)` for `make_train_step`; returns (sum, count) over pairs.
 
     batch: the `chosen_*` / `rejected_*` arrays of `jaxalign.data`, plus
     `ref_chosen_logps`, `ref_rejected_logps` `[B]` when the loss needs a reference.
+    last: score only the last `last` columns, a static option of the step
+    (`PairStep` passes the batcher's `score_width`).
     """
 
-    def loss_fn(policy, batch, rng):
+    def loss_fn(policy, batch, rng, *, last: int | None = None):
         del rng
-        pc, pr, lc, lr = pair_logprobs(policy, batch)
+        pc, pr, lc, lr = pair_logprobs(policy, batch, last=last)
         chosen_nll = -pc / jnp.maximum(lc, 1.0)
         if cfg.loss_type == "simpo":
             return simpo_loss(pc, pr, lc, lr, beta=cfg.beta, gamma=cfg.simpo_gamma, return_parts=True)
@@ -91,14 +87,18 @@ def make_reference_fn(reference):
 
     graphdef, state = nnx.split(reference)
 
-    @functools.partial(jax.jit, static_argnames="width")
-    def ref(state, batch, width):
-        pc, pr, _, _ = pair_logprobs(nnx.merge(graphdef, state), {**batch, "score_width": width})
+    @functools.partial(jax.jit, static_argnames="last")
+    def ref(state, batch, last=None):
+        pc, pr, _, _ = pair_logprobs(nnx.merge(graphdef, state), batch, last=last)
         return pc, pr
 
     keys = ("tokens", "loss_mask", "attention_mask", "positions")
-    return lambda batch: ref(state, {f"{s}_{k}": batch[f"{s}_{k}"] for s in ("chosen", "rejected")
-                                     for k in keys}, width=batch.get("score_width"))
+
+    def ref_fn(batch):
+        arrays, opts = pair_options(batch)
+        return ref(state, {f"{s}_{k}": arrays[f"{s}_{k}"] for s in ("chosen", "rejected") for k in keys}, **opts)
+
+    return ref_fn
 
 
 def precompute_reference(ref_fn, pairs, *, batch_size: int) -> dict[int, tuple[float, float]]:

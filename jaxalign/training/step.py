@@ -14,9 +14,11 @@ as the pair (loss, 1): micro-batch losses are then averaged with equal weight.
 `aux` is a flat dict of scalars. A `(sum, count)` pair in it is combined the
 same exact way; a plain scalar is averaged over micro-batches.
 
-A batch may also carry plain Python ints (e.g. DPO's `score_width`). They are
-compile-time constants of the step, not arrays: the loss sees the int itself,
-and each distinct value compiles once.
+Static options of the loss (e.g. DPO's `last`, how many trailing columns
+to score) are keyword arguments of the step, `step(state, batch, last=64)`,
+passed on to `loss_fn(model, batch, rng, **options)`: compile-time constants,
+each distinct value compiled once. A batch holds arrays only; a Python int
+in it is refused, so no option travels hidden in the data.
 """
 
 from __future__ import annotations
@@ -92,14 +94,13 @@ class TrainStep:
             replicated = shd.replicated(self.mesh)
             if not split:
                 def step(state, arrays):
-                    return _run(lambda s, a: self._gradient_fn(s, _with_static(a, static)), self._update_fn,
-                                state, arrays)
+                    return _run(lambda s, a: self._gradient_fn(s, a, static), self._update_fn, state, arrays)
 
                 self._jitted[key] = (jax.jit(step, in_shardings=(self.shardings, batch_sh),
                                              out_shardings=(self.shardings, replicated), donate_argnums=(0,)),)
             else:
                 gradient = jax.jit(
-                    lambda state, arrays: self._gradient_fn(state, _with_static(arrays, static)),
+                    lambda state, arrays: self._gradient_fn(state, arrays, static),
                     in_shardings=(self.shardings, batch_sh),
                     out_shardings=(self.shardings.params, replicated),
                     keep_unused=True,  # the whole state is an argument: its memory analysis counts what is resident
@@ -116,28 +117,29 @@ class TrainStep:
     def place_batch(self, batch: Any) -> Any:
         """Batch -> global arrays with the batch sharding (no-op if already so).
 
-        Python ints (compile-time constants of the step) pass through as they are.
+        A Python int in the batch is refused: options are keywords of the step.
         """
+        _check_arrays(batch)
         return shd.shard_batch(batch, self.mesh)
 
-    def lower(self, state: TrainState, batch: Any) -> tuple:
+    def lower(self, state: TrainState, batch: Any, **options) -> tuple:
         """The lowered programs, `(step,)` or `(gradient, update)`, for inspecting shardings and cost."""
-        arrays, static = _split_static(self.place_batch(batch))
+        arrays, static = self.place_batch(batch), _static(options)
         with jax.set_mesh(self.mesh):
             return self._lower(state, arrays, static)
 
-    def compiled(self, state: TrainState, batch: Any) -> tuple:
+    def compiled(self, state: TrainState, batch: Any, **options) -> tuple:
         """The compiled programs this step runs for `batch`'s layout, `(step,)` or `(gradient, update)`
         (compiled now if new). The last one returns the new state.
 
         For XLA's memory and cost analyses of what actually runs: the same
         executables `__call__` uses, with the same compiler options.
         """
-        arrays, static = _split_static(self.place_batch(batch))
+        arrays, static = self.place_batch(batch), _static(options)
         with jax.set_mesh(self.mesh):
             return self._executable(state, arrays, static)
 
-    def memory_bytes(self, state: TrainState, batch: Any) -> int | None:
+    def memory_bytes(self, state: TrainState, batch: Any, **options) -> int | None:
         """Peak device memory of a step from XLA's memory analysis; None where the backend gives none.
 
         One program: its arguments, outputs and temporaries, less what
@@ -146,7 +148,7 @@ class TrainStep:
         gradient it returns) and the update program's (state, gradient and
         temporaries, less the donated state) plus the batch, still held.
         """
-        arrays, static = _split_static(self.place_batch(batch))
+        arrays, static = self.place_batch(batch), _static(options)
         with jax.set_mesh(self.mesh):
             programs = self._executable(state, arrays, static)
         analyses = [p.memory_analysis() for p in programs]
@@ -157,8 +159,8 @@ class TrainStep:
         batch_bytes = sum(x.nbytes for x in jax.tree.leaves(arrays))
         return int(max(_program_bytes(analyses[0]), _program_bytes(analyses[1]) + batch_bytes))
 
-    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
-        arrays, static = _split_static(self.place_batch(batch))
+    def __call__(self, state: TrainState, batch: Any, **options) -> tuple[TrainState, dict]:
+        arrays, static = self.place_batch(batch), _static(options)
         # The mesh context lets models constrain activations with bare
         # PartitionSpecs while the step is traced.
         with jax.set_mesh(self.mesh):
@@ -253,22 +255,22 @@ def make_train_step(
     mesh = jax.tree.leaves(shardings)[0].mesh
     param_sh = shardings.params
 
-    def parts(params, batch, rng):
-        loss, aux = loss_fn(model_def.merge(params), batch, rng)
+    def parts(params, batch, rng, options):
+        loss, aux = loss_fn(model_def.merge(params), batch, rng, **dict(options))
         num, den = loss if isinstance(loss, (tuple, list)) else (loss, 1.0)
         return num, (jax.lax.stop_gradient(jnp.asarray(den, jnp.float32)), aux)
 
     grad_fn = jax.value_and_grad(parts, has_aux=True)
 
-    def accumulate(params, batch, rng):
+    def accumulate(params, batch, rng, options):
         """Returns (summed grads, summed numerator, summed denominator, aux)."""
         if micro_batches == 1:
-            (num, (den, aux)), grads = grad_fn(params, batch, rng)
+            (num, (den, aux)), grads = grad_fn(params, batch, rng, options)
             grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
             return grads, num.astype(jnp.float32), den, _combine_aux(aux, 1)
 
         leaves, treedef = jax.tree.flatten(batch)
-        split_idx = [i for i, x in enumerate(leaves) if jnp.ndim(x) > 0 and not _is_static(x)]
+        split_idx = [i for i, x in enumerate(leaves) if jnp.ndim(x) > 0]
         xs = [_split_micro(leaves[i], micro_batches, mesh) for i in split_idx]
 
         def body(carry, inputs):
@@ -278,7 +280,7 @@ def make_train_step(
             for j, x in zip(split_idx, mb_leaves):
                 mb[j] = x
             (num, (den, aux)), grads = grad_fn(
-                params, jax.tree.unflatten(treedef, mb), jax.random.fold_in(rng, i)
+                params, jax.tree.unflatten(treedef, mb), jax.random.fold_in(rng, i), options
             )
             g_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), g_acc, grads)
             return (g_acc, num_acc + num.astype(jnp.float32), den_acc + den), aux
@@ -289,9 +291,9 @@ def make_train_step(
         (grads, num, den), aux = jax.lax.scan(body, init, (jnp.arange(micro_batches), xs))
         return grads, num, den, _combine_aux(aux, micro_batches)
 
-    def gradient(state: TrainState, batch: Any) -> tuple[Any, dict]:
+    def gradient(state: TrainState, batch: Any, options: tuple = ()) -> tuple[Any, dict]:
         _, step_rng = jax.random.split(state.rng)
-        grads, num, den, aux = accumulate(state.params, batch, step_rng)
+        grads, num, den, aux = accumulate(state.params, batch, step_rng, options)
         loss = num / den
         grads = jax.tree.map(lambda g, p: (g / den).astype(p.dtype), grads, state.params)
         clash = set(aux) & set(RESERVED_METRICS)
@@ -354,27 +356,22 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def _is_static(x) -> bool:
-    return isinstance(x, int)  # bool is an int too; NumPy scalars are not
+def _static(options: dict) -> tuple:
+    """The step's keyword options as a hashable key: ((name, value), ...) sorted by name."""
+    try:
+        key = tuple(sorted(options.items()))
+        hash(key)
+    except TypeError as e:
+        raise TypeError(f"step options must be hashable compile-time constants, got {options}") from e
+    return key
 
 
-def _split_static(batch: Any) -> tuple[Any, tuple]:
-    """Batch -> (the batch with its Python-int leaves set to None, (treedef, ((leaf index, int), ...)))."""
-    leaves, treedef = jax.tree.flatten(batch)
-    consts = tuple((i, x) for i, x in enumerate(leaves) if _is_static(x))
-    if not consts:
-        return batch, ()
-    arrays = jax.tree.unflatten(treedef, [None if _is_static(x) else x for x in leaves])
-    return arrays, (treedef, consts)
-
-
-def _with_static(arrays: Any, static: tuple) -> Any:
-    """Inverse of `_split_static` (None is an empty subtree, so `arrays` has the other leaves only)."""
-    if not static:
-        return arrays
-    treedef, consts = static
-    values, rest = dict(consts), iter(jax.tree.leaves(arrays))
-    return jax.tree.unflatten(treedef, [values[i] if i in values else next(rest) for i in range(treedef.num_leaves)])
+def _check_arrays(batch: Any) -> None:
+    """Refuses Python scalars among the batch's leaves (options are keywords of the step)."""
+    for path, x in jax.tree_util.tree_leaves_with_path(batch):
+        if isinstance(x, (int, float)):
+            raise TypeError(f"batch{jax.tree_util.keystr(path)} is the Python {type(x).__name__} {x!r}: a batch "
+                            "holds arrays; pass a static option as a keyword of the step, step(state, batch, last=N)")
 
 
 def _split_micro(x: jax.Array, m: int, mesh) -> jax.Array:

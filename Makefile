@@ -7,7 +7,7 @@ PIP := $(BIN)/pip install -q -c requirements/constraints.txt
 export JAX_PLATFORMS ?= cpu
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test bench smollm2 install install-test clean
+.PHONY: demo test bench smollm2 ablation install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +25,20 @@ $(VENV)/.test: $(VENV)/.runtime
 	touch $@
 
 install: $(VENV)/.runtime
-install-test: $(VENV)/.test
+install-# DAPO's ablation on the built-in task, each component added in turn, over the demo's seeds:
+# writes results/ablation.{md,json,png}.
+ablation: $(VENV)/.runtime
+	$(BIN)/python experiments/compare.py --config experiments/configs/ablation.py
+
+test: $(VENV)/.test
 
 demo: $(VENV)/.runtime
 	$(BIN)/python experiments/compare.py --config experiments/configs/arithmetic.py
+
+# DAPO's ablation on the built-in task, each component added in turn, over the demo's seeds:
+# writes results/ablation.{md,json,png}.
+ablation: $(VENV)/.runtime
+	$(BIN)/python experiments/compare.py --config experiments/configs/ablation.py
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

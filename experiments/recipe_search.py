@@ -1,14 +1,14 @@
-"""Recipe search for the built-in comparison's SFT stage and reward model (issue 31).
+r"""Recipe search for the built-in comparison's SFT stage and reward model (issue 31).
 
 One process at a time, pinned to one core with one intra-op thread:
 
-    X="taskset -c 1 env XLA_FLAGS=--xla_cpu_multi_thread_eigen=false\ intra_op_parallelism_threads=1"
-    $X python experiments/recipe_search.py sft --format reversed --lengths mix --rope-theta 100 \
+    one() { taskset -c 1 env XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" "$@"; }
+    one python experiments/recipe_search.py sft --format reversed --lengths mix --rope-theta 100 \
         --steps 300 --lr 2e-3 --warmup 30 --schedule cosine --eval-every 50 --seeds 0,1,2,3,4
-    $X python experiments/recipe_search.py rm --format reversed --lengths mix --rope-theta 100 \
+    one python experiments/recipe_search.py rm --format reversed --lengths mix --rope-theta 100 \
         --steps 300 --lr 2e-3 --warmup 30 --schedule cosine --seed 1 --rm-steps 100 --rm-lr 1e-4 \
         --rm-schedule cosine --rm-warmup 10 --rm-pool logprob
-    $X python experiments/recipe_search.py stages --seeds 0,1,2,3,4 --with-rm
+    one python experiments/recipe_search.py stages --seeds 0,1,2,3,4 --with-rm
 
 `sft` trains the demo's tiny Llama for a fixed number of steps with the given
 data format, SFT problem distribution, schedule and model size, and prints the
@@ -40,6 +40,7 @@ from flax import nnx  # noqa: E402
 
 from jaxalign import data, models, training  # noqa: E402
 from jaxalign.algorithms import evaluation, reward_model, sft  # noqa: E402
+from jaxalign.algorithms.common import PairStep  # noqa: E402
 from jaxalign.algorithms.rollout import SamplingConfig, sample  # noqa: E402
 from jaxalign.rewards import exact_match, from_verifier  # noqa: E402
 from jaxalign.sampling import Sampler  # noqa: E402
@@ -199,7 +200,8 @@ def run_rm(args):
     loss_fn, score_fn = {"last": (reward_model.reward_loss_fn, reward_model.pair_scores),
                          "mean": (mean_pool_loss, mean_pool_scores),
                          "logprob": (logprob_loss, logprob_scores)}[args.rm_pool]
-    step = training.make_train_step(loss_fn, opt, model_def=mdef, shardings=training.state_shardings(state))
+    step = PairStep(training.make_train_step(loss_fn, opt, model_def=mdef, shardings=training.state_shardings(state)),
+                    last=False)
     loader = data.Loader(train_pairs, batch_size=args.rm_batch, seed=args.seed)
     scores = jax.jit(lambda p, b: score_fn(mdef.merge(p), b))
 

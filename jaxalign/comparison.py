@@ -85,7 +85,7 @@ def train_sft(cfg, task: Task):
     A fixed step, not a threshold, so every machine starts RL from an equally
     trained model; the decay to 0 lets the weights settle, so the accuracy at
     that step moves little with the seed or the CPU's rounding. Half the
-    demonstrations have operands of 1, 2 or 3 digits equally often
+    demonstrations have sparse operands, every digit 0 with probability 1/2
     (`arithmetic.sample_problems(digits="mixed")`, why there). Returns
     (model, params, history): held-out greedy accuracy every `eval_every`
     steps and at the last.

@@ -37,7 +37,7 @@ from jaxalign import data, models, training
 from jaxalign.algorithms import dpo, evaluation, onpolicy, reward_model
 from jaxalign.algorithms.common import PairStep
 from jaxalign.algorithms.rollout import SamplingConfig
-from jaxalign.comparison import (Evaluator, build_task, label_pairs, prompt_loader, train_reward_model,
+from experiments.comparison_stages import (Evaluator, build_task, label_pairs, prompt_loader, train_reward_model,
                                  train_sft)
 
 # ---------------------------------------------------------------------------

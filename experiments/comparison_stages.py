@@ -1,12 +1,11 @@
-"""The built-in comparison: every algorithm of the family on one verifiable task.
+"""The built-in comparison's stages before RL: the task, SFT, labelled pairs, the reward model.
 
 SFT a tiny Llama on reversed-digit addition for a fixed number of steps ->
 sample answers and label (correct, wrong) pairs with the verifier, the
-stand-in for human raters -> train a Bradley–Terry reward model -> from the
-same SFT weights and with the same number of optimiser steps, run DPO,
-DPO + NLL (RPO), PPO (reward model), GRPO, Dr. GRPO and DAPO (verifier).
-Each run is measured the same way: held-out greedy accuracy, KL to the SFT
-policy, resident models and parameters, peak step memory, step time.
+stand-in for human raters -> train a Bradley–Terry reward model. The runs
+that start from these (`experiments/comparison.py`) are measured by
+`Evaluator`: held-out greedy accuracy and KL to the SFT policy. How these
+stages were made machine-independent is in docs/comparison-recipe.md.
 """
 
 from __future__ import annotations

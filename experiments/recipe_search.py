@@ -17,7 +17,7 @@ held-out greedy accuracy curve. `rm` trains that SFT once (cached under
 Bradley–Terry reward model (value head on the last token or the mean of the
 answer tokens, or the answer's log-likelihood) and measures its pair accuracy
 on pairs from held-out prompts. `stages` runs what `make demo` runs
-(jaxalign/comparison.py with experiments/configs/arithmetic.py, `--set
+(experiments/comparison_stages.py with experiments/configs/arithmetic.py, `--set
 sft.steps=400` to override). One JSON line per run goes to stdout and --log;
 the tables are in docs/comparison-recipe.md.
 """
@@ -287,11 +287,11 @@ def _as_state(model, params):
 
 
 def run_stages(args, seed: int) -> dict:
-    """The implemented stages (jaxalign/comparison.py) under experiments/configs/arithmetic.py + `--set`."""
+    """The implemented stages (experiments/comparison_stages.py) under experiments/configs/arithmetic.py + `--set`."""
     import ast
 
     from experiments.configs import arithmetic as arithmetic_config
-    from jaxalign import comparison
+    from experiments import comparison_stages as comparison
 
     cfg = arithmetic_config.get_config()
     with cfg.unlocked():

@@ -1,10 +1,11 @@
-"""jaxalign/comparison.py's stages: held-out reward-model pairs and the likelihood reward model."""
+"""experiments/comparison_stages.py's stages: held-out reward-model pairs and the likelihood reward model."""
 
 import numpy as np
 import pytest
 from flax import nnx
 
-from jaxalign import comparison, data, models
+from experiments import comparison_stages as comparison
+from jaxalign import data, models
 from jaxalign.rewards.base import Rollout
 from jaxalign.tasks import arithmetic
 

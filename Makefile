@@ -25,12 +25,7 @@ $(VENV)/.test: $(VENV)/.runtime
 	touch $@
 
 install: $(VENV)/.runtime
-install-# DAPO's ablation on the built-in task, each component added in turn, over the demo's seeds:
-# writes results/ablation.{md,json,png}.
-ablation: $(VENV)/.runtime
-	$(BIN)/python experiments/compare.py --config experiments/configs/ablation.py
-
-test: $(VENV)/.test
+install-test: $(VENV)/.test
 
 demo: $(VENV)/.runtime
 	$(BIN)/python experiments/compare.py --config experiments/configs/arithmetic.py

@@ -262,14 +262,19 @@ def mean_ci(values, confidence: float = 0.95) -> tuple[float, list[float] | None
     return mean, [mean - half, mean + half]
 
 
-SUMMARISED = ("accuracy_before", "accuracy_after", "kl_to_ref", "step_time_s", "peak_bytes")
+SUMMARISED = ("accuracy_before", "accuracy_after", "accuracy_gain", "kl_to_ref", "step_time_s", "peak_bytes")
 
 
 def aggregate(per_seed: list[list[dict]], seeds: list[int]) -> list[dict]:
-    """One row per run: the mean of every summarised column, its `_ci` and the per-seed values."""
+    """One row per run: the mean of every summarised column, its `_ci` and the per-seed values.
+
+    `accuracy_gain` is after − before within each seed (a paired difference): its interval
+    leaves out how much the SFT start itself varies between seeds.
+    """
     rows = []
     for i, first in enumerate(per_seed[0]):
-        rs = [seed_rows[i] for seed_rows in per_seed]
+        rs = [{**seed_rows[i], "accuracy_gain": seed_rows[i]["accuracy_after"] - seed_rows[i]["accuracy_before"]}
+              for seed_rows in per_seed]
         row = {k: first[k] for k in ("algorithm", "models_resident", "params_resident")}
         row["seeds"] = list(seeds)
         row["per_seed"] = {k: [r[k] for r in rs] for k in SUMMARISED}

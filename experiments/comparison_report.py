@@ -1,8 +1,8 @@
 """What the comparison writes: the markdown table (mean ± 95% CI over seeds), the JSON rows, the curves.
 
 `comparison.json` rows: `algorithm`, `models_resident`, `params_resident`, and
-for each of `accuracy_before`, `accuracy_after`, `kl_to_ref`, `step_time_s`,
-`peak_bytes` the mean over seeds and `<column>_ci` (`[low, high]`, None for one
+for each of `accuracy_before`, `accuracy_after`, `accuracy_gain` (after − before
+within a seed), `kl_to_ref`, `step_time_s`, `peak_bytes` the mean over seeds and `<column>_ci` (`[low, high]`, None for one
 seed); `seeds` (the list) and `per_seed` (`{column: [value per seed]}`).
 `comparison.json` is `{"rows": [...], "meta": {...}}`; the meta holds the SFT
 stage, the pairs and `reward_model.heldout_pair_accuracy`.
@@ -20,15 +20,19 @@ def _pm(mean, ci, fmt) -> str:
         return "n/a"
     if ci is None:
         return fmt(mean)
-    return f"{fmt(mean)} ± {fmt((ci[1] - ci[0]) / 2)}"
+    return f"{fmt(mean)} ± {fmt((ci[1] - ci[0]) / 2).lstrip('+')}"
 
 
 def _pct(x) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _points(x) -> str:
+    return f"{100 * x:+.1f}"
+
+
 COLUMNS = ("algorithm", "models resident", "parameters resident", "peak step memory", "step time",
-           "held-out accuracy before", "held-out accuracy after", "KL to SFT")
+           "held-out accuracy before", "held-out accuracy after", "gain (paired)", "KL to SFT")
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -39,6 +43,7 @@ def markdown_table(rows: list[dict]) -> str:
                  _pm(r["step_time_s"], r["step_time_s_ci"], lambda x: f"{1000 * x:.0f} ms"),
                  _pm(r["accuracy_before"], r["accuracy_before_ci"], _pct),
                  _pm(r["accuracy_after"], r["accuracy_after_ci"], _pct),
+                 _pm(r["accuracy_gain"], r["accuracy_gain_ci"], _points),
                  _pm(r["kl_to_ref"], r["kl_to_ref_ci"], lambda x: f"{x:.3f}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -110,8 +115,9 @@ def plot(curves: dict, path: str) -> None:
 
 def ablation_table(rows: list[dict]) -> str:
     """DAPO's Table 1 in shape: each row adds one component to the one above."""
-    lines = ["| model | held-out accuracy | KL to SFT |", "|---|---|---|"]
+    lines = ["| model | held-out accuracy | gain over SFT (paired, points) | KL to SFT |", "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['components']} | {_pm(r['accuracy_after'], r['accuracy_after_ci'], _pct)} | "
+                     f"{_pm(r['accuracy_gain'], r['accuracy_gain_ci'], _points)} | "
                      f"{_pm(r['kl_to_ref'], r['kl_to_ref_ci'], lambda x: f'{x:.3f}')} |")
     return "\n".join(lines)

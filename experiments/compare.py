@@ -33,10 +33,7 @@ def main(cfg) -> None:
         table = report.ablation_table(rows)
     else:
         table = report.markdown_table(rows)
-    report.write_results(rows, curves, meta, cfg.results, name=name)
-    if name == "ablation":
-        with open(os.path.join(cfg.results, "ablation.md"), "w") as f:
-            f.write(table + "\n\n" + report.notes(meta) + "\n")
+    report.write_results(rows, curves, meta, cfg.results, name=name, table=table)
     print(table + "\n\n" + report.notes(meta))
     print(f"\nwrote {cfg.results}/{name}.md, {name}.json and plots; total {meta['wall_time_s']:.0f} s")
 

@@ -20,7 +20,6 @@ on-policy preset, so every field is reachable from the command line
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -33,12 +32,12 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from experiments import wiring
+from experiments.comparison_stages import (Evaluator, build_task, label_pairs, policy_from, prompt_loader,
+                                           train_reward_model, train_sft)
 from jaxalign import data, models, training
 from jaxalign.algorithms import dpo, evaluation, onpolicy, reward_model
 from jaxalign.algorithms.common import PairStep
 from jaxalign.algorithms.rollout import SamplingConfig
-from experiments.comparison_stages import (Evaluator, build_task, label_pairs, prompt_loader, train_reward_model,
-                                 train_sft)
 
 # ---------------------------------------------------------------------------
 # Runs as config sections.
@@ -78,10 +77,7 @@ def resolve_run(key: str, sec) -> RunSpec:
     if spec.kind == "dpo":
         algorithm = wiring.typed(dpo.DPOConfig, algo, f"runs.{key}.algorithm")
     elif spec.kind == "onpolicy":
-        try:
-            algorithm = wiring.onpolicy_algorithm(algo)
-        except wiring.ConfigError as e:
-            raise wiring.ConfigError(str(e).replace("config.algorithm", f"config.runs.{key}.algorithm")) from None
+        algorithm = wiring.onpolicy_algorithm(algo, f"runs.{key}.algorithm")
     else:
         raise wiring.ConfigError(f"config.runs.{key}.kind {spec.kind!r}: dpo or onpolicy")
     if spec.reward not in ("verifier", "reward_model"):
@@ -121,21 +117,13 @@ class Run:
     memory_batch: object  # batch -> a batch of the train step's shape
 
 
-def _policy_from(model, params):
-    """A copy of `model` holding copies of the pure-dict `params`."""
-    policy = models.clone_model(model)
-    state = nnx.state(policy, nnx.Param)
-    nnx.update(policy, jax.tree.unflatten(jax.tree.structure(state), models.copy_tree(jax.tree.leaves(params))))
-    return policy
-
-
 def _optimizer(lr: float):
     return training.make_optimizer(training.OptimConfig(lr=lr, schedule="constant", grad_clip_norm=1.0))
 
 
 def setup_dpo(spec: RunSpec, seed: int, model, sft_params, pairs) -> Run:
-    policy = _policy_from(model, sft_params)
-    ref_fn = dpo.make_reference_fn(_policy_from(model, sft_params))
+    policy = policy_from(model, sft_params)
+    ref_fn = dpo.make_reference_fn(policy_from(model, sft_params))
     loader = data.Loader(pairs, batch_size=spec.batch_size, seed=seed)
     table = dpo.precompute_reference(ref_fn, pairs, batch_size=spec.batch_size)
     opt = _optimizer(spec.lr)
@@ -154,10 +142,10 @@ def setup_onpolicy(spec: RunSpec, seed: int, cfg, task, model, sft_params, score
     loader = prompt_loader(cfg, task, seed=seed + 7, batch_size=algorithm.prompts_per_step)
     by_model = spec.reward == "reward_model"
     built = onpolicy.build(algorithm, SamplingConfig(max_new_tokens=task.max_new_tokens),
-                           _policy_from(model, sft_params), tokenizer=task.tokenizer,
+                           policy_from(model, sft_params), tokenizer=task.tokenizer,
                            reward_fn=scorer if by_model else task.reward_fn, prompts=loader,
                            optimizer=_optimizer(spec.lr), seed=seed,
-                           reference=_policy_from(model, sft_params) if algorithm.needs_reference else None)
+                           reference=policy_from(model, sft_params) if algorithm.needs_reference else None)
     n = evaluation.count_params(sft_params)
     resident = [("actor" if algorithm.uses_critic else "policy", n)]
     if algorithm.uses_critic:

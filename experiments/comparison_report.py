@@ -69,8 +69,10 @@ def notes(meta: dict) -> str:
     return "; ".join(parts) + "."
 
 
-def write_results(rows: list[dict], curves: dict, meta: dict, out_dir: str, name: str = "comparison") -> None:
-    """`<name>.md`, `<name>.json`, `<name>_curves.json` (the comparison's: `curves.json`) and `<name>.png`."""
+def write_results(rows: list[dict], curves: dict, meta: dict, out_dir: str, name: str = "comparison",
+                  table: str | None = None) -> None:
+    """`<name>.md` (`table`, default `markdown_table(rows)`, and the notes), `<name>.json`,
+    `<name>_curves.json` (the comparison's: `curves.json`) and `<name>.png`."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump({"rows": rows, "meta": meta}, f, indent=1)
@@ -78,7 +80,7 @@ def write_results(rows: list[dict], curves: dict, meta: dict, out_dir: str, name
     with open(os.path.join(out_dir, curves_file), "w") as f:
         json.dump(curves, f, indent=1)
     with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-        f.write(markdown_table(rows) + "\n\n" + notes(meta) + "\n")
+        f.write((table or markdown_table(rows)) + "\n\n" + notes(meta) + "\n")
     plot(curves, os.path.join(out_dir, f"{name}.png"))
 
 

@@ -174,7 +174,7 @@ def train_reward_model(cfg, model, params, pairs) -> tuple[LikelihoodRewardModel
     train, heldout = _split_pairs(pairs, c.heldout_pairs)
     opt = training.make_optimizer(training.OptimConfig(lr=c.lr, schedule="cosine", warmup_steps=c.warmup_steps,
                                                        total_steps=c.steps))
-    state, mdef = training.init_train_state(_policy_from(model, params), opt, seed=cfg.seed)
+    state, mdef = training.init_train_state(policy_from(model, params), opt, seed=cfg.seed)
     step = PairStep(training.make_train_step(_likelihood_bt_loss, opt, model_def=mdef,
                                              shardings=training.state_shardings(state)), last=False)
     loader = data.Loader(train, batch_size=c.batch_size, seed=cfg.seed)
@@ -264,7 +264,8 @@ def _state_of(model, params):
     return jax.tree.unflatten(jax.tree.structure(state), models.copy_tree(jax.tree.leaves(params)))
 
 
-def _policy_from(model, params):
+def policy_from(model, params):
+    """A copy of `model` holding copies of the pure-dict `params` (the SFT weights each run starts from)."""
     policy = models.clone_model(model)
     nnx.update(policy, _state_of(policy, params))
     return policy

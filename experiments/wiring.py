@@ -134,6 +134,13 @@ def _defaults(cls) -> dict:
     return out
 
 
+def _refuse_unknown(values, names, where: str) -> None:
+    """One line naming the section, the first key `names` lacks, and the valid keys."""
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(names))}")
+
+
 def section(cls, **values) -> ConfigDict:
     """A config section holding every field of dataclass `cls`: its defaults, then `values`.
 
@@ -141,9 +148,7 @@ def section(cls, **values) -> ConfigDict:
     parses as the field's type.
     """
     hints = typing.get_type_hints(cls)
-    unknown = sorted(set(values) - set(hints))
-    if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(hints))}")
+    _refuse_unknown(values, hints, cls.__name__)
     merged = {**_defaults(cls), **values}
     return ConfigDict({k: _value(hints[k], v) for k, v in merged.items()})
 
@@ -157,18 +162,8 @@ def preset_section(cls, name: str, **values) -> ConfigDict:
     line overrides the preset.
     """
     hints = typing.get_type_hints(cls)
-    unknown = sorted(set(values) - set(hints))
-    if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(hints))}")
-    out = {"name": name}
-    for key, hint in hints.items():
-        kind = _field_type(hint)
-        value = values.get(key)
-        if value is None and kind in (int, float, str, bool):
-            out[key] = config_dict.placeholder(kind)
-        else:
-            out[key] = _value(hint, value)
-    return ConfigDict(out)
+    _refuse_unknown(values, hints, cls.__name__)
+    return ConfigDict({"name": name, **{key: _value(hint, values.get(key)) for key, hint in hints.items()}})
 
 
 def as_dict(sec) -> dict:
@@ -186,10 +181,7 @@ def typed(cls, sec, where: str, **extra):
     where: the section's name in the config (`optim`, `algorithm`), for the message.
     """
     values = {**as_dict(sec), **extra}
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"config.{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(names))}")
+    _refuse_unknown(values, {f.name for f in dataclasses.fields(cls)}, f"config.{where}")
     hints = typing.get_type_hints(cls)
     for key, value in values.items():
         if isinstance(value, list) and typing.get_origin(hints[key]) is tuple:
@@ -330,22 +322,19 @@ RL_KEYS = ("seed", "workdir", "model", "task", "reward", "algorithm", "sampling"
            "train")
 
 
-def onpolicy_algorithm(sec):
-    """`config.algorithm` -> the `OnPolicyConfig` of its preset `name` with the set fields on top."""
+def onpolicy_algorithm(sec, where: str = "algorithm"):
+    """`config.<where>` -> the `OnPolicyConfig` of its preset `name` with the set fields on top."""
     from jaxalign.algorithms import onpolicy
 
     values = as_dict(sec)
-    name = values.get("name")
+    name = values.pop("name", None)
     if name not in onpolicy.PRESETS:
-        raise ConfigError(f"config.algorithm.name {name!r}: valid presets: {', '.join(sorted(onpolicy.PRESETS))}")
-    fields = {f.name for f in dataclasses.fields(onpolicy.OnPolicyConfig)}
-    unknown = sorted(set(values) - fields - {"name"})
-    if unknown:
-        raise ConfigError(f"config.algorithm: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(fields))}")
+        raise ConfigError(f"config.{where}.name {name!r}: valid presets: {', '.join(sorted(onpolicy.PRESETS))}")
+    _refuse_unknown(values, {f.name for f in dataclasses.fields(onpolicy.OnPolicyConfig)}, f"config.{where}")
     try:
         return onpolicy.preset(name, **set_fields(values))
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"config.algorithm: {e}") from None
+        raise ConfigError(f"config.{where}: {e}") from None
 
 
 def resolve_rl(config) -> dict[str, Any]:

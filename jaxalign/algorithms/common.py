@@ -58,13 +58,6 @@ def sequence_logprob(logps: Array, mask: Array) -> Array:
     return jnp.sum(logps * mask, axis=-1)
 
 
-def entropy_from_logits(logits: Array, mask: Array) -> Array:
-    """Mean per-token entropy of the masked positions (a scalar)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-    return jnp.sum(ent * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
 def pair_options(batch: dict, *, last: bool = True) -> tuple[dict, dict]:
     """(arrays, static options) of a preference batch: the batcher's `score_width` (a Python
     int, the trailing columns that hold every response token) becomes the explicit option

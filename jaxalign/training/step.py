@@ -68,10 +68,12 @@ class TrainStep:
     """
 
     def __init__(self, gradient_fn, update_fn, shardings: TrainState, nan_policy: str,
-                 split_update: bool | None = None):
+                 split_update: bool | None = None, grad_shardings: Any = None):
         self._gradient_fn = gradient_fn
         self._update_fn = update_fn
         self.shardings = shardings
+        # The gradient covers the trainable params only (all of them unless some are frozen).
+        self.grad_shardings = shardings.params if grad_shardings is None else grad_shardings
         self.nan_policy = nan_policy
         self.split_update = split_update
         self.mesh = jax.tree.leaves(shardings)[0].mesh
@@ -102,12 +104,12 @@ class TrainStep:
                 gradient = jax.jit(
                     lambda state, arrays: self._gradient_fn(state, arrays, static),
                     in_shardings=(self.shardings, batch_sh),
-                    out_shardings=(self.shardings.params, replicated),
+                    out_shardings=(self.grad_shardings, replicated),
                     keep_unused=True,  # the whole state is an argument: its memory analysis counts what is resident
                 )
                 update = jax.jit(
                     self._update_fn,
-                    in_shardings=(self.shardings, self.shardings.params, replicated),
+                    in_shardings=(self.shardings, self.grad_shardings, replicated),
                     out_shardings=(self.shardings, replicated),
                     donate_argnums=(0,),
                 )
@@ -255,8 +257,10 @@ def make_train_step(
     mesh = jax.tree.leaves(shardings)[0].mesh
     param_sh = shardings.params
 
-    def parts(params, batch, rng, options):
-        loss, aux = loss_fn(model_def.merge(params), batch, rng, **dict(options))
+    # Differentiated with respect to the trainable params only: frozen ones (a LoRA model's base)
+    # take no gradient and no optimizer state.
+    def parts(params, frozen, batch, rng, options):
+        loss, aux = loss_fn(model_def.merge(model_def.join(params, frozen)), batch, rng, **dict(options))
         num, den = loss if isinstance(loss, (tuple, list)) else (loss, 1.0)
         return num, (jax.lax.stop_gradient(jnp.asarray(den, jnp.float32)), aux)
 
@@ -264,8 +268,9 @@ def make_train_step(
 
     def accumulate(params, batch, rng, options):
         """Returns (summed grads, summed numerator, summed denominator, aux)."""
+        params, frozen = model_def.split_trainable(params)
         if micro_batches == 1:
-            (num, (den, aux)), grads = grad_fn(params, batch, rng, options)
+            (num, (den, aux)), grads = grad_fn(params, frozen, batch, rng, options)
             grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
             return grads, num.astype(jnp.float32), den, _combine_aux(aux, 1)
 
@@ -280,13 +285,13 @@ def make_train_step(
             for j, x in zip(split_idx, mb_leaves):
                 mb[j] = x
             (num, (den, aux)), grads = grad_fn(
-                params, jax.tree.unflatten(treedef, mb), jax.random.fold_in(rng, i), options
+                params, frozen, jax.tree.unflatten(treedef, mb), jax.random.fold_in(rng, i), options
             )
             g_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), g_acc, grads)
             return (g_acc, num_acc + num.astype(jnp.float32), den_acc + den), aux
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        zeros = jax.lax.with_sharding_constraint(zeros, param_sh)
+        zeros = jax.lax.with_sharding_constraint(zeros, model_def.split_trainable(param_sh)[0])
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         (grads, num, den), aux = jax.lax.scan(body, init, (jnp.arange(micro_batches), xs))
         return grads, num, den, _combine_aux(aux, micro_batches)
@@ -295,7 +300,8 @@ def make_train_step(
         _, step_rng = jax.random.split(state.rng)
         grads, num, den, aux = accumulate(state.params, batch, step_rng, options)
         loss = num / den
-        grads = jax.tree.map(lambda g, p: (g / den).astype(p.dtype), grads, state.params)
+        grads = jax.tree.map(lambda g, p: (g / den).astype(p.dtype), grads,
+                             model_def.split_trainable(state.params)[0])
         clash = set(aux) & set(RESERVED_METRICS)
         if clash:
             raise ValueError(f"loss aux metrics may not use the reserved names {sorted(clash)}")
@@ -308,8 +314,9 @@ def make_train_step(
         grad_norm = _global_norm(grads)
 
         def apply(params, opt_state, grads):
-            updates, new_opt = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), new_opt
+            trained, frozen = model_def.split_trainable(params)
+            updates, new_opt = optimizer.update(grads, opt_state, trained)
+            return model_def.join(optax.apply_updates(trained, updates), frozen), new_opt
 
         # The guard checks what the step would keep: a finite loss and gradient
         # can still overflow the parameters or moments (a huge learning rate).
@@ -340,7 +347,8 @@ def make_train_step(
             metrics["lr"] = lr
         return new_state, metrics
 
-    return TrainStep(gradient, update, shardings, nan_policy, split_update)
+    return TrainStep(gradient, update, shardings, nan_policy, split_update,
+                     grad_shardings=model_def.split_trainable(param_sh)[0])
 
 
 def _global_norm(tree: Any) -> jax.Array:

@@ -38,6 +38,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # them saves little memory and costs collectives.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
+    ("layers", None),  # the stacked layers' leading axis: every device holds its share of each layer
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),

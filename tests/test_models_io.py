@@ -177,8 +177,10 @@ def test_load_hf_on_a_mesh_places_params_by_the_rules(llama_dir):
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
     model, cfg = load_hf(llama_dir, mesh=mesh)
     single, _ = load_hf(llama_dir)
-    q = model.layers[0].attn.q[...]
-    assert q.sharding.spec == sharding.spec_for(("embed", "heads", "head_dim"), q.shape, mesh)
+    q = model.layers.attn.q[...]  # stacked: [L, D, H, Dh]
+    assert q.shape[0] == cfg.num_layers
+    assert q.sharding.spec == sharding.spec_for(("layers", "embed", "heads", "head_dim"), q.shape, mesh)
+    assert q.sharding.spec[0] is None and q.sharding.spec[1] is not None
     assert len(q.sharding.device_set) == 8
     tokens = jnp.arange(1, 17).reshape(2, 8)
     with jax.set_mesh(mesh):

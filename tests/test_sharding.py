@@ -146,16 +146,17 @@ def test_maybe_initialize_distributed(monkeypatch):
 
 
 # The real decoder (tiny Llama, 4 query heads, 1 KV head): the single KV head
-# cannot split over tensor=2, so k/v fall back to fsdp only.
-EXPECTED_LLAMA_LAYER = {
+# cannot split over tensor=2, so k/v fall back to fsdp only. The layers are
+# stacked: a leading `layers` axis, never split (each device holds its share of every layer).
+EXPECTED_LLAMA_LAYERS = {
     "attn": {
-        "q": P("fsdp", "tensor"),  # (embed, heads, head_dim)
-        "k": P("fsdp"),  # (embed, kv_heads=1 -> replicated, head_dim)
-        "v": P("fsdp"),
-        "o": P("tensor", None, "fsdp"),  # (heads, head_dim, embed)
+        "q": P(None, "fsdp", "tensor"),  # (layers, embed, heads, head_dim)
+        "k": P(None, "fsdp"),  # (layers, embed, kv_heads=1 -> replicated, head_dim)
+        "v": P(None, "fsdp"),
+        "o": P(None, "tensor", None, "fsdp"),  # (layers, heads, head_dim, embed)
     },
     "attn_norm": {"scale": P()},
-    "mlp": {"gate": P("fsdp", "tensor"), "up": P("fsdp", "tensor"), "down": P("tensor", "fsdp")},
+    "mlp": {"gate": P(None, "fsdp", "tensor"), "up": P(None, "fsdp", "tensor"), "down": P(None, "tensor", "fsdp")},
     "mlp_norm": {"scale": P()},
 }
 EXPECTED_LLAMA_TOP = {"embed": P("tensor", "fsdp"), "lm_head": P("fsdp", "tensor"),
@@ -177,4 +178,4 @@ def test_real_transformer_shardings_match_stored_table(mesh):
     specs = jax.tree.map(lambda s: s.spec, shd.param_shardings(abstract, mesh))
     assert {k: specs[k] for k in EXPECTED_LLAMA_TOP} == EXPECTED_LLAMA_TOP
     assert set(specs) == set(EXPECTED_LLAMA_TOP) | {"layers"}
-    assert specs["layers"] == {0: EXPECTED_LLAMA_LAYER, 1: EXPECTED_LLAMA_LAYER}
+    assert specs["layers"] == EXPECTED_LLAMA_LAYERS

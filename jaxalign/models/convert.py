@@ -162,7 +162,11 @@ def _param_leaves(model: nnx.Module) -> dict[str, nnx.Variable]:
 
 
 def _bindings(model: nnx.Module, cfg: ModelConfig, value_model: bool):
-    """(rule, hf_name, our_path) for every parameter of `model`; checks the table covers it."""
+    """(rule, hf_name, our_path, layer) for every parameter of `model`; checks the table covers it.
+
+    Per-layer rules (`{i}`) bind one slice `layer` of a stacked `[L, ...]`
+    parameter (`layers.attn.q`); the others bind a whole parameter (layer None).
+    """
     params = _param_leaves(model)
     prefix = _prefix(cfg)
     bound, covered = [], set()
@@ -170,15 +174,14 @@ def _bindings(model: nnx.Module, cfg: ModelConfig, value_model: bool):
         if value_model and rule.ours == "lm_head":
             covered.add("backbone.lm_head")  # a wrapped LM keeps its head; classifiers have none
             continue
+        ours = rule.ours.replace("{i}.", "")
+        if value_model:
+            ours = ours if ours == "head" else "backbone." + ours
+        if ours not in params:
+            continue
         layers = range(cfg.num_layers) if "{i}" in rule.ours else [None]
-        for i in layers:
-            ours = rule.ours.format(i=i)
-            if value_model:
-                ours = ours if ours == "head" else "backbone." + ours
-            if ours not in params:
-                continue
-            bound.append((rule, rule.hf.format(i=i, p=prefix), ours))
-            covered.add(ours)
+        bound.extend((rule, rule.hf.format(i=i, p=prefix), ours, i) for i in layers)
+        covered.add(ours)
     missing = set(params) - covered
     if missing:  # a bug in the table, not in the checkpoint
         raise AssertionError(f"no conversion rule for parameters {sorted(missing)}")
@@ -265,13 +268,16 @@ class _TensorReader:
 
 def _expected_hf_shapes(bound, params, cfg) -> dict[str, tuple[int, ...]]:
     parts: dict[str, list] = {}
-    for rule, hf, ours in bound:
-        shape = jax.eval_shape(lambda x: rule.to_hf(x, cfg), params[ours].get_value()).shape
+    for rule, hf, ours, layer in bound:
+        value = params[ours].get_value()
+        if layer is not None:
+            value = jax.ShapeDtypeStruct(value.shape[1:], value.dtype)
+        shape = jax.eval_shape(lambda x: rule.to_hf(x, cfg), value).shape
         parts.setdefault(hf, []).append(shape)
     return {hf: s[0][:-1] + (sum(p[-1] for p in s),) for hf, s in parts.items()}
 
 
-def _abstract_from_dir(path: Path, dtype, compute_dtype, tokenizer=None):
+def _abstract_from_dir(path: Path, dtype, compute_dtype, tokenizer=None, remat: str = "none"):
     """(cfg, value_model, abstract model) for a checkpoint directory; no tensor is read."""
     path = resolve_local_path(path)  # before transformers is imported: a missing path fails at once
     from transformers import AutoConfig
@@ -287,13 +293,14 @@ def _abstract_from_dir(path: Path, dtype, compute_dtype, tokenizer=None):
     compute_dtype = compute_dtype or dtype
 
     def build():
-        lm = Transformer(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=compute_dtype, lm_head=not value_model)
+        lm = Transformer(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=compute_dtype, lm_head=not value_model,
+                         remat=remat)
         return ValueModel(lm, init="zeros") if value_model else lm
 
     return cfg, value_model, nnx.eval_shape(build)
 
 
-def abstract_hf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None):
+def abstract_hf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None, remat: str = "none"):
     """The model `load_hf(path)` returns, with shapes and dtypes only: no tensor is read.
 
     Its parameters are `jax.ShapeDtypeStruct`s. It has the same graph
@@ -305,11 +312,12 @@ def abstract_hf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=Non
 
     Returns `(abstract_model, cfg)`.
     """
-    cfg, _, abstract = _abstract_from_dir(Path(path), dtype, compute_dtype)
+    cfg, _, abstract = _abstract_from_dir(Path(path), dtype, compute_dtype, remat=remat)
     return abstract, cfg
 
 
-def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None, mesh=None, tokenizer=None):
+def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None, mesh=None, tokenizer=None,
+            remat: str = "none"):
     """Load a Hugging Face checkpoint directory as a jaxalign model.
 
     Args:
@@ -320,13 +328,15 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None, m
       mesh: place the parameters on this mesh with `jaxalign.sharding` rules.
       tokenizer: a tokenizer (or its directory) to check against the model:
         a tokenizer with more ids than the embedding has rows is refused.
+      remat: what the backward pass keeps of each layer (`Transformer`'s
+        `remat`: none, full, save_dots).
 
     Returns:
       `(model, cfg)`: a :class:`Transformer`, or a :class:`ValueModel` for a
       `*ForSequenceClassification` checkpoint with one label.
     """
     path = Path(path)
-    cfg, value_model, abstract = _abstract_from_dir(path, dtype, compute_dtype, tokenizer)
+    cfg, value_model, abstract = _abstract_from_dir(path, dtype, compute_dtype, tokenizer, remat)
     bound, params = _bindings(abstract, cfg, value_model)
     reader = _TensorReader(path)
     expected = _expected_hf_shapes(bound, params, cfg)
@@ -341,7 +351,8 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None, m
         raise CheckpointError(f"{path}: tensors not used by this config: {sorted(unused)[:8]}")
 
     cache: dict[str, np.ndarray] = {}
-    for rule, hf, ours in bound:
+    stacks: dict[str, np.ndarray] = {}  # stacked parameters being filled, layer by layer
+    for rule, hf, ours, layer in bound:
         if hf not in cache:
             cache = {hf: reader.get(hf)}  # part rules read the same tensor in a row
         x = cache[hf]
@@ -350,6 +361,12 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, compute_dtype=None, m
             size = x.shape[-1] // n
             x = x[..., j * size:(j + 1) * size]
         value = np.asarray(rule.to_ours(x, cfg)).astype(jnp.dtype(dtype))
+        if layer is not None:
+            stack = stacks.setdefault(ours, np.empty(params[ours].shape, value.dtype))
+            stack[layer] = value
+            if layer < cfg.num_layers - 1:
+                continue
+            value = stacks.pop(ours)
         # device_put, not jnp.asarray: the latter compiles a staging program per shape.
         params[ours].set_value(value if mesh is not None else jax.device_put(value))
     model = abstract  # every parameter now holds its loaded value
@@ -422,8 +439,11 @@ def save_hf(model: nnx.Module, path: str | os.PathLike, *, tokenizer=None,
     path.mkdir(parents=True, exist_ok=True)
     bound, params = _bindings(model, cfg, value_model)
     tensors: dict[str, list] = {}
-    for rule, hf, ours in bound:
-        arr = _host_array(params[ours][...])
+    host: dict[str, np.ndarray] = {}  # one parameter (a whole stack) on the host at a time
+    for rule, hf, ours, layer in bound:
+        if ours not in host:
+            host = {ours: _host_array(params[ours][...])}
+        arr = host[ours] if layer is None else host[ours][layer]
         tensors.setdefault(hf, []).append((rule.part, np.asarray(rule.to_hf(arr, cfg))))
     if jax.process_index() != 0:
         return path

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxalign.models.config import ModelConfig, RopeConfig, rope_inv_freq
+from jaxalign.models.config import ModelConfig
 
 Array = jax.Array
 _NEG_INF = -1e30  # finite, so fully masked rows (padding) give no NaN
@@ -72,12 +72,14 @@ class Norm(nnx.Module):
         return x.astype(dtype)
 
 
-def apply_rope(x: Array, positions: Array, rope: RopeConfig) -> Array:
-    """Rotate `x: [B, T, H, D]` by `positions: [B, T]` (half-split layout, as Hugging Face)."""
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+    """Rotate `x: [B, T, H, D]` by `positions: [B, T]` (half-split layout, as Hugging Face).
+
+    inv_freq: `[D/2]` inverse frequencies (`config.rope_inv_freq`).
+    """
     d = x.shape[-1]
     wide = upcast(x.dtype)
-    inv = jnp.asarray(rope_inv_freq(rope, d), wide)  # [D/2]
-    angles = positions.astype(wide)[..., None] * inv  # [B, T, D/2]
+    angles = positions.astype(wide)[..., None] * inv_freq.astype(wide)  # [B, T, D/2]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
     x32 = x.astype(wide)
@@ -103,9 +105,9 @@ def make_attention_mask(q_slots: Array, k_slots: Array, k_valid: Array, window: 
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, rngs, param_dtype):
+    def __init__(self, cfg: ModelConfig, *, rngs, param_dtype):
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.cfg, self.layer = cfg, layer
+        self.cfg = cfg
         self.q = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dtype=param_dtype)
         self.k = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), dtype=param_dtype)
         self.v = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), dtype=param_dtype)
@@ -120,12 +122,15 @@ class Attention(nnx.Module):
             self.q_norm = Norm(hd, cfg, rngs=rngs, param_dtype=param_dtype)
             self.k_norm = Norm(hd, cfg, rngs=rngs, param_dtype=param_dtype)
 
-    def __call__(self, x: Array, positions: Array, mask: Array, cache_kv=None, slot=None):
+    def __call__(self, x: Array, positions: Array, mask: Array, layer: dict, cache=None):
         """x: [B, T, D]; positions: [B, T]; mask: [B, T, S] bool over the keys attended.
 
-        Without a cache the keys are this call's own tokens (S = T). With a
-        cache `(k, v)` of `[B, KV, S, Dh]`, this call's keys are written at
-        `slot` and the whole cache is attended. Returns (out [B, T, D], new cache_kv).
+        layer: this layer's `index`, rotary `inv_freq` [Dh/2], score `scale`
+        and cache `slot` (see `transformer.layer_tables`). Without a cache the
+        keys are this call's own tokens (S = T). With the whole stacked cache
+        `(k, v)` of `[L, B, KV, S, Dh]`, this call's keys are written into
+        layer `index` at `slot` and that layer's cache is attended.
+        Returns (out [B, T, D], the cache or None).
         """
         cfg = self.cfg
         dt = x.dtype
@@ -137,19 +142,18 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if cfg.positions == "rope":
-            rope = cfg.rope_for(self.layer)
-            q, k = apply_rope(q, positions, rope), apply_rope(k, positions, rope)
+            q, k = apply_rope(q, positions, layer["inv_freq"]), apply_rope(k, positions, layer["inv_freq"])
         keys = "bskd"  # k, v: [B, S, KV, Dh] (S = T)
-        if cache_kv is not None:  # a cache is kept as [B, KV, S, Dh] (see KVCache)
-            ck, cv = cache_kv
-            k = jax.lax.dynamic_update_slice_in_dim(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), slot, axis=2)
-            v = jax.lax.dynamic_update_slice_in_dim(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), slot, axis=2)
-            cache_kv, keys = (k, v), "bksd"
+        if cache is not None:  # a cache is kept as [L, B, KV, S, Dh] (see KVCache)
+            ck, cv = cache
+            at = (layer["index"], 0, 0, layer["slot"], 0)
+            ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3)[None].astype(ck.dtype), at)
+            cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3)[None].astype(cv.dtype), at)
+            cache, keys = (ck, cv), "bksd"
+            k, v = ck[layer["index"]], cv[layer["index"]]
         b, t, h, hd = q.shape
         kvh = cfg.num_kv_heads
-        scale = cfg.query_scale
-        if cfg.scale_attn_by_inverse_layer_idx:
-            scale /= self.layer + 1
+        scale = layer["scale"]
         qg = q.reshape(b, t, kvh, h // kvh, hd)
         scores = jnp.einsum(f"btkgd,{keys}->bkgts", qg, k.astype(dt)).astype(upcast(dt)) * scale
         if cfg.attn_softcap:
@@ -160,7 +164,7 @@ class Attention(nnx.Module):
         out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(dt)
-        return out, cache_kv
+        return out, cache
 
 
 class MLP(nnx.Module):

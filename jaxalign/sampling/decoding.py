@@ -1,9 +1,7 @@
 """What every generation program shares: the loop state, the token pick, and the write of one column.
 
-Both ways the sampler runs a model (one program for the whole generation,
-`sampler._rollout`, and one program per layer driven from the host,
-`layer_loop.LayerLoop`) start and advance the same `Loop` with these
-functions, so they draw the same tokens from the same logits.
+The sampler's program (`sampler._rollout`) starts and advances a `Loop` with
+these functions; compiled programs are kept here by what they depend on.
 """
 
 from __future__ import annotations
@@ -32,6 +30,7 @@ class Static:
     use_top_k: bool
     use_top_p: bool
     raw_logprobs: bool
+    cache_dtype: str | None = None  # the KV cache's dtype name (None: the model's compute dtype)
 
 
 class Draw(NamedTuple):
@@ -54,7 +53,7 @@ class Loop(NamedTuple):
     logprobs: Array  # [R, N]
     raw: Array | None  # [R, N]
     mask: Array  # [R, N]
-    cache: KVCache  # the one-program sampler's whole cache; the layer loop's holds no k, v (kept per layer)
+    cache: KVCache
 
 
 def record(static: Static, draw: Draw, loop: Loop, logits: Array, cache: KVCache) -> Loop:
@@ -106,11 +105,6 @@ def outputs(static: Static, loop: Loop) -> dict:
 def grow_rows(x: Array, n: int) -> Array:
     """Repeat each row n times, contiguously (the GRPO group shares its prompt's prefill)."""
     return jnp.repeat(x, n, axis=0) if n > 1 else x
-
-
-def grow_kv(x: Array, n: int, max_len: int) -> Array:
-    """A layer's keys or values `[B, KV, S, Dh]` -> `[B*n, KV, max_len, Dh]` (new slots empty)."""
-    return jnp.pad(grow_rows(x, n), ((0, 0), (0, 0), (0, max_len - x.shape[2]), (0, 0)))
 
 
 # Every sampler program of the process, by (what it runs, its arguments' shapes/dtypes/shardings, options).

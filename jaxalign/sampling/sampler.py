@@ -7,10 +7,10 @@
 One call is: prefill the B left-padded prompts once, repeat the cache n times
 along the batch (the GRPO group shares its prompt's keys and values), then a
 `lax.while_loop` that feeds one token per step and stops when every row has
-emitted an EOS or `max_new_tokens` is reached. That is one program for a small
-model; a deep one runs the same steps by runs of layers, a program per kind of
-run driven from the host (`layer_loop.py`), so its programs hold a few layers
-whatever the depth.
+emitted an EOS or `max_new_tokens` is reached. That is one program, holding one
+layer body whatever the depth (the model scans its stacked layers). On a mesh
+the cache is sharded like the activations: rows over `data`/`fsdp`, KV heads
+over `tensor`; `Sampler(cache_dtype=jnp.bfloat16)` halves it.
 
 A trainer holds params as a pytree (sharded on its mesh); `Sampler(model)`
 keeps only the static graph definition, and `sampler(params, ...)` runs on
@@ -32,12 +32,12 @@ import numpy as np
 from flax import nnx
 
 from jaxalign.host import sampler_compiler_options
+from jaxalign import sharding
 from jaxalign.models import KVCache
 from jaxalign.sampling.buckets import bucket_length, check_left_padded, left_pad
 from jaxalign.sampling import decoding
-from jaxalign.sampling.decoding import (Draw, Loop, Static, compiled, grow_kv, grow_rows, keep_going, out_shapes,
+from jaxalign.sampling.decoding import (Draw, Loop, Static, compiled, grow_rows, keep_going, out_shapes,
                                         outputs, record, spec, start)
-from jaxalign.sampling.layer_loop import LayerLoop, wanted
 
 Array = jax.Array
 
@@ -104,29 +104,15 @@ class Sampler:
 
     Args:
       model: the model (loaded, or `abstract_hf`'s shapes only to `precompile`).
-      layer_loop: run the decoder by runs of consecutive layers, one compiled
-        program per kind of run called once per run and token from the host
-        (`layer_loop.py`), instead of one program for the whole generation.
-        The programs then hold a few layers whatever the depth, so the
-        compile's time and memory stop growing with it (measured in
-        docs/sampling.md, The layer loop). None: on for a
-        `Transformer` whose decoder makes at least `layer_loop.MIN_RUNS` runs.
-        Params spread over more than one device always run as one program.
-      layers_per_run: layers per run (default `layer_loop.layers_per_run`).
+      cache_dtype: the KV cache's dtype (default: the model's compute dtype);
+        `jnp.bfloat16` halves the cache of a float32 model, at the price of
+        log-probs that differ from a float32 teacher-forced pass by the rounding.
     """
 
-    def __init__(self, model: nnx.Module, *, layer_loop: bool | None = None, layers_per_run: int | None = None):
+    def __init__(self, model: nnx.Module, *, cache_dtype=None):
         self.graphdef, state, self.rest = nnx.split(model, nnx.Param, ...)
         self.param_treedef = jax.tree.structure(state)
-        # A deep model runs by runs of layers (`layer_loop.py`); None: `layer_loop.wanted` decides.
-        self.layer_loop = None
-        if layer_loop or (layer_loop is None and wanted(model)):
-            try:
-                self.layer_loop = LayerLoop(model, [p for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]],
-                                            layers_per_run)
-            except ValueError:
-                if layer_loop:
-                    raise
+        self.cache_dtype = None if cache_dtype is None else jnp.dtype(cache_dtype).name
         self._param_leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
                               for x in jax.tree.leaves(state)]  # kept as shapes only: `precompile`'s default
         self._param_shapes = [tuple(x.shape) for x in self._param_leaves]
@@ -160,11 +146,7 @@ class Sampler:
             params, prompts, prompt_mask, max_new_tokens=max_new_tokens, rng=rng, temperature=temperature,
             top_k=top_k, top_p=top_p, eos_ids=eos_ids, n=n, greedy=greedy, pad_id=pad_id,
             return_raw_logprobs=return_raw_logprobs)
-        if self._by_layer(args[0]):
-            out = self.layer_loop.run(static, jax.tree.leaves(args[0]), args[2], args[3], args[4:],
-                                      sampler_compiler_options(_device(args[2]).platform))
-        else:
-            out = self._executable(static, args)(*args)
+        out = self._executable(static, args)(*args)
         return _finish(out, prompts, prompt_mask, max_new_tokens, n)
 
     def precompile(self, batch: int, prompt_len: int, *, max_new_tokens: int, params: Any = None, n: int = 1,
@@ -202,11 +184,7 @@ class Sampler:
             params, prompts, np.ones_like(prompts), max_new_tokens=max_new_tokens,
             rng=jax.random.key(0) if rng is None else rng, temperature=1.0, top_k=top_k, top_p=top_p,
             eos_ids=eos_ids, n=n, greedy=greedy, pad_id=0, return_raw_logprobs=return_raw_logprobs, compiling=True)
-        if self._by_layer(args[0]):
-            out = self.layer_loop.run(static, jax.tree.leaves(args[0]), args[2], args[3], args[4:],
-                                      sampler_compiler_options(_device(args[2]).platform), compile_only=True)
-        else:
-            out = out_shapes(self._executable(static, args))
+        out = out_shapes(self._executable(static, args))
         # A call also runs a few small ops around the program (the cut to max_new_tokens, the prompts
         # repeated n times), each compiled at its first use. Running them here on zeros of the outputs'
         # shapes compiles them now too, so the first call compiles nothing on top of the weights.
@@ -242,7 +220,7 @@ class Sampler:
         width = prompts.shape[1]
         padded, padded_mask = left_pad(prompts, prompt_mask, bucket_length(width), pad_id)
         static = Static(n=n, buffer=bucket_length(max_new_tokens), greedy=greedy, use_top_k=top_k is not None,
-                        use_top_p=top_p is not None, raw_logprobs=return_raw_logprobs)
+                        use_top_p=top_p is not None, raw_logprobs=return_raw_logprobs, cache_dtype=self.cache_dtype)
         # Host scalars as NumPy: a jnp scalar would be one more compiled program per dtype.
         args = (params, self.rest, padded, padded_mask, rng, np.float32(temperature),
                 np.int32(top_k or 0), np.float32(1.0 if top_p is None else top_p), np.int32(max_new_tokens),
@@ -256,14 +234,6 @@ class Sampler:
         if self.cfg.positions == "learned" and last_position >= limit:
             raise ValueError(f"prompt + max_new_tokens needs position {last_position}, "
                              f"the model has {limit} learned positions")
-
-    def _by_layer(self, params) -> bool:
-        """Whether this call runs layer by layer: the model allows it and the params sit on one device
-        (params sharded over a mesh run as one program, whose collectives XLA schedules as a whole)."""
-        if self.layer_loop is None:
-            return False
-        shardings = {getattr(x, "sharding", None) for x in jax.tree.leaves(params)} - {None}  # a few distinct ones
-        return len(set().union(*(s.device_set for s in shardings))) <= 1
 
     def _executable(self, static: Static, args: tuple):
         leaves = jax.tree.leaves(args)
@@ -288,28 +258,52 @@ def _rollout(graphdef, static: Static, params, rest, prompts, prompt_mask, *samp
     draw = Draw(*sampling)
     model = nnx.merge(graphdef, params, rest)
     width = prompts.shape[1]
-    cache = model.init_cache(batch=prompts.shape[0], max_len=width)
+    place = _cache_placement(params)
+    cache = place(model.init_cache(batch=prompts.shape[0], max_len=width, dtype=static.cache_dtype))
     hidden, cache = model.hidden_states(prompts, attention_mask=prompt_mask, cache=cache)
     first_logits = grow_rows(model.logits(hidden[:, -1:])[:, 0], static.n)  # [R, V]
     # Column 0 comes from the prefill; columns 1..N-1 each need one decode step,
     # so the cache holds width + buffer - 1 tokens at most.
-    cache = _expand_cache(cache, static.n, width + static.buffer)
+    cache = place(_expand_cache(cache, static.n, width + static.buffer))
     loop = start(static, draw, first_logits, cache)
 
     def decode(loop: Loop) -> Loop:
         hidden, cache = model.hidden_states(loop.last[:, None], cache=loop.cache)
-        return record(static, draw, loop, model.logits(hidden)[:, 0], cache)
+        return record(static, draw, loop, model.logits(hidden)[:, 0], place(cache))
 
     loop = jax.lax.while_loop(functools.partial(keep_going, draw), decode, loop)
     return outputs(static, loop)
 
 
+# The cache's logical axes ([L, B, KV, S, Dh]): rows like a batch, KV heads like the K/V projections.
+_CACHE_AXES = ("layers", "batch", "kv_heads", None, "head_dim")
+
+
+def _cache_placement(params):
+    """A function constraining a cache's k, v to the params' mesh (`_CACHE_AXES`); identity off a mesh."""
+    shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(params)]
+    mesh = next((s.mesh for s in shardings if isinstance(s, jax.sharding.NamedSharding)), None)
+    if mesh is None or mesh.size == 1:
+        return lambda cache: cache
+
+    def place(cache: KVCache) -> KVCache:
+        where = jax.sharding.NamedSharding(mesh, sharding.spec_for(_CACHE_AXES, cache.k.shape, mesh))
+        k, v = (jax.lax.with_sharding_constraint(x, where) for x in (cache.k, cache.v))
+        return dataclasses.replace(cache, k=k, v=v)
+
+    return place
+
+
 def _expand_cache(cache: KVCache, n: int, max_len: int) -> KVCache:
     """Repeat each row n times (contiguously) and extend the slots to `max_len` (empty, invalid)."""
     grow = max_len - cache.max_len
-    return KVCache(k=tuple(grow_kv(x, n, max_len) for x in cache.k), v=tuple(grow_kv(x, n, max_len) for x in cache.v),
-                   valid=jnp.pad(grow_rows(cache.valid, n), ((0, 0), (0, grow))), index=cache.index,
-                   next_pos=grow_rows(cache.next_pos, n))
+
+    def kv(x):  # [L, B, KV, S, Dh] -> [L, B*n, KV, max_len, Dh]
+        x = jnp.repeat(x, n, axis=1) if n > 1 else x
+        return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, grow), (0, 0)))
+
+    return KVCache(k=kv(cache.k), v=kv(cache.v), valid=jnp.pad(grow_rows(cache.valid, n), ((0, 0), (0, grow))),
+                   index=cache.index, next_pos=grow_rows(cache.next_pos, n))
 
 
 __all__ = ["CompileStats", "SampleResult", "Sampler", "compile_stats", "generate"]

@@ -43,7 +43,7 @@ def measure(config_dir: str) -> dict:
     from jaxalign.host import release_host_memory
     from jaxalign.models import abstract_hf
     from jaxalign.sampling import Sampler
-    from jaxalign.sampling import sampler as sampler_module
+    from jaxalign.sampling import decoding as sampler_module
 
     s = workloads.spec("smollm2", "sample", False)
     model, _ = abstract_hf(config_dir)

@@ -11,6 +11,7 @@ written to `<workdir>/config.json`).
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -28,24 +29,27 @@ def one_pass(loader):
                        shard_index=loader.shard_index, shard_count=loader.shard_count, buckets=loader.buckets)
 
 
-def build_loss(name: str, cfg, model, train_loader, *, precompute_reference: bool = True):
-    """(loss_fn, batch transform) for `config.algorithm.name`; `cfg` is the DPO config."""
+def build_loss(name: str, cfg, model, train_loader, *, precompute_reference: bool = True,
+               logprob_chunk: int | None = None):
+    """(loss_fn, batch transform) for `config.algorithm.name`; `cfg` is the DPO config,
+    `logprob_chunk` is `config.train.logprob_chunk`."""
     from jaxalign import models
     from jaxalign.algorithms import dpo, reward_model, sft
 
     if name == "sft":
-        return sft.sft_loss_fn, None
+        return functools.partial(sft.sft_loss_fn, logprob_chunk=logprob_chunk), None
     if name == "reward_model":
         return reward_model.reward_loss_fn, None
     if name == "dpo":
         if not cfg.needs_reference:
-            return dpo.make_dpo_loss_fn(cfg), None
+            return dpo.make_dpo_loss_fn(cfg, logprob_chunk=logprob_chunk), None
 
-        ref_fn = dpo.make_reference_fn(models.clone_model(model))
+        ref_fn = dpo.make_reference_fn(models.clone_model(model), logprob_chunk=logprob_chunk)
+        loss_fn = dpo.make_dpo_loss_fn(cfg, logprob_chunk=logprob_chunk)
         if precompute_reference:
             table = dpo.precompute_reference(ref_fn, train_loader.data, batch_size=train_loader.batch_size)
-            return dpo.make_dpo_loss_fn(cfg), lambda b: dpo.attach_reference(b, table=table)
-        return dpo.make_dpo_loss_fn(cfg), lambda b: dpo.attach_reference(b, ref_fn=ref_fn)
+            return loss_fn, lambda b: dpo.attach_reference(b, table=table)
+        return loss_fn, lambda b: dpo.attach_reference(b, ref_fn=ref_fn)
     raise ValueError(f"algorithm {name!r}: experiments/train.py runs sft, reward_model, dpo "
                      "(on-policy algorithms run with experiments/rl.py)")
 
@@ -84,7 +88,8 @@ def run(config) -> dict:
     model, tokenizer = wiring.build_model(cfg["model"], mesh, value_head=algo == "reward_model")
     train_loader, test_loader = wiring.build_data(cfg["data"], kind, tokenizer, seed=cfg["seed"])
     loss_fn, transform = build_loss(algo, cfg["algorithm"], model, train_loader,
-                                    precompute_reference=cfg["precompute_reference"])
+                                    precompute_reference=cfg["precompute_reference"],
+                                    logprob_chunk=cfg["train"].logprob_chunk)
     optimizer = training.make_optimizer(cfg["optim"])
     state, model_def = training.init_train_state(model, optimizer, mesh=mesh, seed=cfg["seed"])
     train_step = wiring.build_train_step(loss_fn, optimizer, state, model_def, cfg["train"])

@@ -76,13 +76,16 @@ class TrainSection:
     accumulation). nan_policy: `skip` drops a non-finite update, `stop` ends
     the run with an error. max_skipped_fraction: with `skip`, end the run
     with an error once more than this fraction of its updates were skipped
-    (None: never).
+    (None: never). logprob_chunk: positions per chunk of the LM head and
+    log-softmax wherever log-probs come from a model (`jaxalign.models.logprobs`):
+    unset, one chunk's float32 logits stay within 256 MiB; 0 computes them whole.
     """
 
     steps: int = 1000
     micro_batches: int = 1
     nan_policy: str = "skip"
     max_skipped_fraction: float | None = 0.5
+    logprob_chunk: int | None = None
     log_every: int = 10
     eval_every: int = 100
 
@@ -407,7 +410,8 @@ def build_onpolicy(algorithm, sampling, model, *, tokenizer, reward_fn, prompts,
 
     return onpolicy.build(algorithm, sampling, model, tokenizer=tokenizer, reward_fn=reward_fn, prompts=prompts,
                           optimizer=optimizer, mesh=mesh, seed=seed, reference=reference,
-                          train_options=dict(micro_batches=train.micro_batches, nan_policy=train.nan_policy))
+                          train_options=dict(micro_batches=train.micro_batches, nan_policy=train.nan_policy),
+                          logprob_chunk=train.logprob_chunk)
 
 
 # ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ MODULES = [
     "jaxalign.losses.sequence",
     "jaxalign.losses.sft",
     "jaxalign.losses.terms",
+    "jaxalign.models.logprobs",
 ]
 
 

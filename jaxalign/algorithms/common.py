@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxalign.losses import token_logprobs
+from jaxalign.models.logprobs import head_logprobs
 
 Array = jax.Array
 
@@ -17,7 +17,8 @@ def model_logits(model, batch: dict, *, prefix: str = "") -> Array:
                  segment_ids=batch.get(prefix + "segment_ids"))
 
 
-def response_logprobs(model, batch: dict, *, prefix: str = "", temperature: float = 1.0, last: int | None = None):
+def response_logprobs(model, batch: dict, *, prefix: str = "", temperature: float = 1.0, last: int | None = None,
+                      logprob_chunk: int | None = None):
     """Teacher-forced log-probs of the tokens under `loss_mask`.
 
     batch: `{prefix}tokens`, `{prefix}loss_mask` `[B, T]`, and optionally
@@ -28,29 +29,37 @@ def response_logprobs(model, batch: dict, *, prefix: str = "", temperature: floa
     last: score only the last `last` tokens (a rollout's completion columns):
       the LM head and softmax then run on `last` positions instead of T - 1,
       and both outputs are `[B, last]`, aligned with `tokens[:, -last:]`.
+    logprob_chunk: positions per chunk of the LM head and softmax
+      (`jaxalign.models.logprobs.head_logprobs`; None: automatic, 0: all at once).
 
     Returns: (logps [B, T-1] or [B, last] float32, mask of the same shape, float32).
     """
-    logits = completion_logits(model, batch, last, prefix=prefix)
-    if temperature != 1.0:
-        logits = logits / temperature
-    tokens = batch[prefix + "tokens"]
-    width = logits.shape[1]
-    logps = token_logprobs(logits, tokens[:, -width:])
+    hidden = completion_hidden(model, batch, last, prefix=prefix)
+    width = hidden.shape[1]
+    logps = head_logprobs(model, hidden, batch[prefix + "tokens"][:, -width:], temperature=temperature,
+                          logprob_chunk=logprob_chunk)
     return logps, batch[prefix + "loss_mask"][:, -width:].astype(jnp.float32)
 
 
-def completion_logits(model, batch: dict, last: int | None, *, prefix: str = "") -> Array:
-    """Logits that score `tokens[:, 1:]` (or its last `last` columns): `[B, T-1 or last, V]`.
+def completion_hidden(model, batch: dict, last: int | None, *, prefix: str = "") -> Array:
+    """Final hidden states that score `tokens[:, 1:]` (or its last `last` columns): `[B, T-1 or last, D]`.
 
-    What `response_logprobs` scores with; public for losses that also need entropies.
+    What `response_logprobs` feeds to `head_logprobs`; public for losses that
+    also need entropies (`head_logprobs(..., entropy=True)`).
     """
-    if last is None:
-        return model_logits(model, batch, prefix=prefix)[:, :-1]
     hidden, _ = model.hidden_states(batch[prefix + "tokens"], positions=batch.get(prefix + "positions"),
                                     attention_mask=batch.get(prefix + "attention_mask"),
                                     segment_ids=batch.get(prefix + "segment_ids"))
-    return model.logits(hidden[:, -last - 1:-1])
+    return hidden[:, :-1] if last is None else hidden[:, -last - 1:-1]
+
+
+def completion_logits(model, batch: dict, last: int | None, *, prefix: str = "") -> Array:
+    """Logits that score `tokens[:, 1:]` (or its last `last` columns): `[B, T-1 or last, V]`, whole.
+
+    For inspection on small vocabularies; the losses go through `head_logprobs`,
+    which never holds all of them at once.
+    """
+    return model.logits(completion_hidden(model, batch, last, prefix=prefix))
 
 
 def sequence_logprob(logps: Array, mask: Array) -> Array:

@@ -41,34 +41,37 @@ class DPOConfig:
         return self.loss_type not in ("simpo", "orpo")
 
 
-def pair_logprobs(model, batch: dict, *, last: int | None = None):
+def pair_logprobs(model, batch: dict, *, last: int | None = None, logprob_chunk: int | None = None):
     """Summed response log-probs and lengths of chosen and rejected: four `[B]` arrays.
 
     One forward over the `[2B, T]` stack (chosen rows first). With `last`
     (the `score_width` that `collate_preference` computes; see `pair_options`),
     the LM head and softmax run on the last `last` columns only (the
     responses; the prompt's logits are never used), which gives the same sums.
+    logprob_chunk: positions per chunk of the LM head and softmax (`response_logprobs`).
     """
     keys = ("tokens", "loss_mask", "attention_mask", "positions")
     stacked = {k: jnp.concatenate([batch["chosen_" + k], batch["rejected_" + k]]) for k in keys}
-    logps, mask = response_logprobs(model, stacked, last=last)
+    logps, mask = response_logprobs(model, stacked, last=last, logprob_chunk=logprob_chunk)
     seq, length = sequence_logprob(logps, mask), mask.sum(-1)
     b = batch["chosen_tokens"].shape[0]
     return seq[:b], seq[b:], length[:b], length[b:]
 
 
-def make_dpo_loss_fn(cfg: DPOConfig):
+def make_dpo_loss_fn(cfg: DPOConfig, *, logprob_chunk: int | None = None):
     """`loss_fn(policy, batch, rng, *, last=None)` for `make_train_step`; returns (sum, count) over pairs.
 
     batch: the `chosen_*` / `rejected_*` arrays of `jaxalign.data`, plus
     `ref_chosen_logps`, `ref_rejected_logps` `[B]` when the loss needs a reference.
     last: score only the last `last` columns, a static option of the step
     (`PairStep` passes the batcher's `score_width`).
+    logprob_chunk: positions per chunk of the LM head and softmax
+    (`jaxalign.models.logprobs.head_logprobs`; None: automatic, 0: all at once).
     """
 
     def loss_fn(policy, batch, rng, *, last: int | None = None):
         del rng
-        pc, pr, lc, lr = pair_logprobs(policy, batch, last=last)
+        pc, pr, lc, lr = pair_logprobs(policy, batch, last=last, logprob_chunk=logprob_chunk)
         chosen_nll = -pc / jnp.maximum(lc, 1.0)
         if cfg.loss_type == "simpo":
             return simpo_loss(pc, pr, lc, lr, beta=cfg.beta, gamma=cfg.simpo_gamma, return_parts=True)
@@ -81,15 +84,16 @@ def make_dpo_loss_fn(cfg: DPOConfig):
     return loss_fn
 
 
-def make_reference_fn(reference):
-    """A jitted `batch -> (ref_chosen_logps, ref_rejected_logps)` for a frozen reference model."""
+def make_reference_fn(reference, *, logprob_chunk: int | None = None):
+    """A jitted `batch -> (ref_chosen_logps, ref_rejected_logps)` for a frozen reference model
+    (`logprob_chunk`: see `make_dpo_loss_fn`)."""
     from flax import nnx
 
     graphdef, state = nnx.split(reference)
 
     @functools.partial(jax.jit, static_argnames="last")
     def ref(state, batch, last=None):
-        pc, pr, _, _ = pair_logprobs(nnx.merge(graphdef, state), batch, last=last)
+        pc, pr, _, _ = pair_logprobs(nnx.merge(graphdef, state), batch, last=last, logprob_chunk=logprob_chunk)
         return pc, pr
 
     keys = ("tokens", "loss_mask", "attention_mask", "positions")

@@ -46,11 +46,12 @@ class KLMeter:
 
     Σ_t (log π − log π_ref) over the sampled tokens, averaged over
     completions: an unbiased Monte-Carlo estimate of the sequence-level KL.
+    logprob_chunk: positions per chunk of the reference's LM head (`response_logprobs`).
     """
 
-    def __init__(self, reference_model, reference_params):
+    def __init__(self, reference_model, reference_params, *, logprob_chunk: int | None = None):
         self.ref_params = jax.tree.map(jnp.copy, reference_params)
-        self.ref_logps = make_logprob_fn(reference_model)
+        self.ref_logps = make_logprob_fn(reference_model, logprob_chunk=logprob_chunk)
 
     def __call__(self, sampler, params, prompt_data, tokenizer, *, max_new_tokens: int, seed: int = 0,
                  batch_size: int = 1000) -> float:

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import training
-from jaxalign.algorithms.common import completion_logits
+from jaxalign.algorithms.common import completion_hidden
 from jaxalign.algorithms.config import PRESETS, OnPolicyConfig, preset
 from jaxalign.algorithms.ppo import ActorCritic, values_fn
 from jaxalign.algorithms.registry import (
@@ -51,9 +51,9 @@ from jaxalign.losses import (
     kl_penalty,
     overlong_penalty,
     ppo_value_loss,
-    token_logprobs_and_entropy,
 )
 from jaxalign.models import clone_model, copy_tree
+from jaxalign.models.logprobs import head_logprobs
 from jaxalign.sampling import Sampler
 
 __all__ = ["ADVANTAGE_ESTIMATORS", "POLICY_LOSSES", "PRESETS", "AdvantageInputs", "OnPolicyConfig", "OnPolicyRun",
@@ -101,12 +101,15 @@ def batch_layout(cfg: OnPolicyConfig, sampling: SamplingConfig, prompt_width: in
     return layout
 
 
-def make_loss_fn(cfg: OnPolicyConfig, sampling: SamplingConfig):
+def make_loss_fn(cfg: OnPolicyConfig, sampling: SamplingConfig, *, logprob_chunk: int | None = None):
     """`loss_fn(model, batch, rng) -> ((numerator, denominator), metrics)` over a `batch_layout` batch.
 
     Only the N completion columns go through the LM head (`last=N`, fixed by
-    the sampling config). The model is the policy, or an `ActorCritic` when
-    the config trains a critic (then + vf_coef · the token-mean value loss).
+    the sampling config), `logprob_chunk` positions at a time
+    (`jaxalign.models.logprobs.head_logprobs`: log-probs and entropies without
+    the whole `[R, N, V]` logits). The model is the policy, or an
+    `ActorCritic` when the config trains a critic (then + vf_coef · the
+    token-mean value loss).
     """
     n, temperature = sampling.max_new_tokens, sampling.temperature
     policy_loss = POLICY_LOSSES[cfg.policy_loss]
@@ -114,8 +117,8 @@ def make_loss_fn(cfg: OnPolicyConfig, sampling: SamplingConfig):
     def loss_fn(model, batch, rng):
         del rng
         policy = model.actor if cfg.uses_critic else model
-        logits = completion_logits(policy, batch, n) / temperature
-        logps, entropy = token_logprobs_and_entropy(logits, batch["tokens"][:, -n:])
+        logps, entropy = head_logprobs(policy, completion_hidden(policy, batch, n), batch["tokens"][:, -n:],
+                                       temperature=temperature, logprob_chunk=logprob_chunk, entropy=True)
         (num, den), metrics = policy_loss(logps, batch, cfg, entropy)
         if not cfg.uses_critic:
             return (num, den), metrics
@@ -138,22 +141,24 @@ class OnPolicyStep:
     for dynamic sampling come from `prompts` (the loop's own iterator, so the
     checkpointed data position stays exact). The train step is compiled
     before the first rollout of each prompt width, while the heap holds the
-    least (docs/training.md, "Memory of a step").
+    least (docs/training.md, "Memory of a step"). `logprob_chunk`: the old and
+    reference log-probs' chunking (`make_loss_fn`).
     """
 
     def __init__(self, cfg: OnPolicyConfig, sampling: SamplingConfig, *, train_step, model, reward_fn, tokenizer,
-                 prompts, reference=None, seed: int = 0):
+                 prompts, reference=None, seed: int = 0, logprob_chunk: int | None = None):
         self.cfg, self.sampling, self.train_step = cfg, sampling, train_step
         self.reward_fn, self.tokenizer, self.prompts = reward_fn, tokenizer, prompts
         policy = model.actor if cfg.uses_critic else model
         self.shared_critic = cfg.uses_critic and model.critic.backbone is model.actor
         self.sampler = Sampler(policy)
-        self.old_logps = make_logprob_fn(policy, temperature=sampling.temperature)
+        self.old_logps = make_logprob_fn(policy, temperature=sampling.temperature, logprob_chunk=logprob_chunk)
         self.ref_logps = self.ref_params = None
         if cfg.needs_reference:
             # A copy: the train state may alias (and donate) the arrays the policy started from.
             self.ref_params = copy_tree(nnx.to_pure_dict(nnx.state(reference, nnx.Param)))
-            self.ref_logps = make_logprob_fn(reference, temperature=sampling.temperature)
+            self.ref_logps = make_logprob_fn(reference, temperature=sampling.temperature,
+                                             logprob_chunk=logprob_chunk)
         self.values = values_fn(model.critic) if cfg.uses_critic else None
         self.kl_ctl = (adaptive_kl_controller(cfg.beta, cfg.kl_target, cfg.kl_horizon)
                        if cfg.kl_target is not None else fixed_kl_controller(cfg.beta))
@@ -322,7 +327,8 @@ class OnPolicyRun(NamedTuple):
 
 
 def build(cfg: OnPolicyConfig, sampling: SamplingConfig, model, *, tokenizer, reward_fn, prompts, optimizer,
-          mesh=None, seed: int = 0, reference=None, train_options: dict | None = None) -> OnPolicyRun:
+          mesh=None, seed: int = 0, reference=None, train_options: dict | None = None,
+          logprob_chunk: int | None = None) -> OnPolicyRun:
     """A ready on-policy run of `model` (a language model `Transformer`).
 
     reference: the frozen reference policy, used when β > 0; None then means
@@ -330,16 +336,20 @@ def build(cfg: OnPolicyConfig, sampling: SamplingConfig, model, *, tokenizer, re
     prompts: the prompt iterator of the loop (dynamic sampling draws from it).
     train_options: keywords of `training.make_train_step` (`micro_batches`,
       `nan_policy`, `split_update`).
+    logprob_chunk: positions per chunk of the LM head and softmax, in the
+      loss and the old/reference log-probs (`jaxalign.models.logprobs.head_logprobs`;
+      None: automatic, 0: all at once).
     """
     if cfg.needs_reference and reference is None:
         reference = clone_model(model)
     trained = ActorCritic(model, shared=cfg.critic == "shared") if cfg.uses_critic else model
     state, model_def = training.init_train_state(trained, optimizer, mesh=mesh, seed=seed)
-    train_step = training.make_train_step(make_loss_fn(cfg, sampling), optimizer, model_def=model_def,
+    loss_fn = make_loss_fn(cfg, sampling, logprob_chunk=logprob_chunk)
+    train_step = training.make_train_step(loss_fn, optimizer, model_def=model_def,
                                           shardings=training.state_shardings(state), **(train_options or {}))
     step = OnPolicyStep(cfg, sampling, train_step=train_step, model=trained, reward_fn=reward_fn,
                         tokenizer=tokenizer, prompts=prompts, reference=reference if cfg.needs_reference else None,
-                        seed=seed)
+                        seed=seed, logprob_chunk=logprob_chunk)
     policy_of = (lambda m: m.actor) if cfg.uses_critic else (lambda m: m)
     return OnPolicyRun(step, state, step.policy_params, lambda p: policy_of(model_def.merge(p)),
                        model_def.merge)

@@ -65,11 +65,11 @@ def positions(mask: np.ndarray) -> np.ndarray:
     return np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
 
 
-def make_logprob_fn(model: nnx.Module, *, temperature: float = 1.0):
+def make_logprob_fn(model: nnx.Module, *, temperature: float = 1.0, logprob_chunk: int | None = None):
     """A jitted `(params, batch, last=None) -> logps` for a frozen model (reference, old policy).
 
     `[R, T-1]` aligned with `tokens[:, 1:]`, or `[R, last]` for the last `last`
-    columns only (see `response_logprobs`).
+    columns only (see `response_logprobs`, which also says what `logprob_chunk` does).
     """
     model_def, _ = ModelDef.of(model)
 
@@ -77,7 +77,7 @@ def make_logprob_fn(model: nnx.Module, *, temperature: float = 1.0):
     def fn(params, tokens, attention_mask, loss_mask, last=None):
         m = model_def.merge(params)
         batch = {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}
-        return response_logprobs(m, batch, temperature=temperature, last=last)[0]
+        return response_logprobs(m, batch, temperature=temperature, last=last, logprob_chunk=logprob_chunk)[0]
 
     # Host arrays go to the jitted function as they are (a jnp.asarray each would be one more
     # compiled staging program per shape).

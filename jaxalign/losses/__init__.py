@@ -42,7 +42,7 @@ from jaxalign.losses.preference import (
     simpo_loss,
 )
 from jaxalign.losses.sequence import cispo_loss, gspo_loss
-from jaxalign.losses.sft import sft_loss, token_logprobs, token_logprobs_and_entropy
+from jaxalign.losses.sft import nll_loss, sft_loss, token_logprobs, token_logprobs_and_entropy
 
 __all__ = [
     "AGGREGATIONS",
@@ -73,6 +73,7 @@ __all__ = [
     "masked_mean",
     "mis_mask",
     "mismatch_metrics",
+    "nll_loss",
     "orpo_loss",
     "overlong_penalty",
     "ppo_policy_loss",

@@ -105,12 +105,44 @@ def sft_loss(
       >>> print(sft_loss(logits, y, m)[0].round(4))  # log 4
       1.3863
     """
-    nll = -token_logprobs(logits, targets)
+    logps = token_logprobs(logits, targets)
+    correct = jnp.argmax(logits, axis=-1) == targets
+    return nll_loss(logps, mask, correct=correct, agg=agg, return_parts=return_parts)
+
+
+def nll_loss(
+    logps: Array,
+    mask: Array,
+    *,
+    correct: Array | None = None,
+    agg: str = "token-mean",
+    return_parts: bool = False,
+):
+    """`sft_loss` from the target log-probs, for callers that never hold the logits whole
+    (`jaxalign.models.logprobs.head_logprobs` computes them chunk by chunk).
+
+    L = agg_t(−logps_t) over the tokens where `mask` is 1.
+
+    Args:
+      logps: `[batch, time]` log-probabilities of the demonstration tokens.
+      mask: `[batch, time]`, 1 on the tokens to learn.
+      correct: `[batch, time]`, 1 where the target is the argmax (for the
+        `accuracy` metric; None leaves it out).
+      agg: reduction, see `jaxalign.losses.aggregation`.
+      return_parts: return `(numerator, denominator)` instead of the scalar.
+
+    Returns:
+      `(loss, metrics)`; metrics: `nll` (token mean), `tokens` (count), and
+      `accuracy` (token mean) when `correct` is given.
+
+    Example:
+      >>> loss, metrics = nll_loss(jnp.log(jnp.array([[0.5, 0.25, 1.0]])), jnp.array([[1, 1, 0]]))
+      >>> print(loss.round(4), metrics["tokens"])  # (log 2 + log 4) / 2
+      1.0397 2.0
+    """
+    nll = -logps
     mask = mask.astype(nll.dtype)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(nll.dtype)
-    metrics = {
-        "nll": masked_mean(nll, mask),
-        "accuracy": masked_mean(correct, mask),
-        "tokens": jnp.sum(mask),
-    }
+    metrics = {"nll": masked_mean(nll, mask), "tokens": jnp.sum(mask)}
+    if correct is not None:
+        metrics["accuracy"] = masked_mean(correct.astype(nll.dtype), mask)
     return finish(*aggregate_parts(nll, mask, agg), return_parts), metrics

@@ -33,7 +33,7 @@ setup(
     extras_require={
         # torch is a test-time reference only, pinned to the CPU build.
         "test": ["pytest", "torch==2.13.0", "nbclient", "nbformat", "ipykernel",
-                 "gguf", "accelerate"],  # accelerate: transformers' GGUF loader (the parity reference)
+                 "gguf", "accelerate", "peft"],  # accelerate: transformers' GGUF loader (the parity reference)
         "gguf": ["gguf"],  # jaxalign.models.load_gguf (llama.cpp files)
         "tpu": ["jax[tpu]>=0.10,<0.11"],
         "gpu": ["jax[cuda12]>=0.10,<0.11"],

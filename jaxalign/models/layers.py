@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign.models.config import ModelConfig
+from jaxalign.models.lora import project
 
 Array = jax.Array
 _NEG_INF = -1e30  # finite, so fully masked rows (padding) give no NaN
@@ -134,9 +135,9 @@ class Attention(nnx.Module):
         """
         cfg = self.cfg
         dt = x.dtype
-        q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt))
-        k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dt))
-        v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dt))
+        q = project(self, "q", "btd,dhk->bthk", x)  # + LoRA, QLoRA (models/lora.py)
+        k = project(self, "k", "btd,dhk->bthk", x)
+        v = project(self, "v", "btd,dhk->bthk", x)
         if cfg.qkv_bias:
             q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
         if cfg.qk_norm:
@@ -161,7 +162,7 @@ class Attention(nnx.Module):
         scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum(f"bkgts,{keys}->btkgd", probs, v.astype(dt)).reshape(b, t, h, hd)
-        out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
+        out = project(self, "o", "bthk,hkd->btd", out)
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(dt)
         return out, cache
@@ -183,17 +184,17 @@ class MLP(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         cfg, dt = self.cfg, x.dtype
-        up = x @ self.up[...].astype(dt)
+        up = project(self, "up", "...d,df->...f", x)
         if cfg.mlp_bias:
             up = up + self.up_bias[...].astype(dt)
         if cfg.mlp == "gated":
-            gate = x @ self.gate[...].astype(dt)
+            gate = project(self, "gate", "...d,df->...f", x)
             if cfg.mlp_bias:
                 gate = gate + self.gate_bias[...].astype(dt)
             hidden = activation(cfg.activation, gate) * up
         else:
             hidden = activation(cfg.activation, up)
-        out = hidden @ self.down[...].astype(dt)
+        out = project(self, "down", "...f,fd->...d", hidden)
         if cfg.mlp_bias:
             out = out + self.down_bias[...].astype(dt)
         return out

@@ -184,7 +184,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one warmup and one timed step: a smoke test")
     ap.add_argument("--frameworks", default="jaxalign,trl,tunix")
-    ap.add_argument("--models", default="tiny,smollm2")
+    ap.add_argument("--models", default="smollm2,tiny", help="SmolLM2 first: the rows that matter")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--extras", action="store_true",
                     help="also the jaxalign-only SmolLM2 rows: DPO scaling, dpo_parts, grpo_parts_g4/g8")
@@ -209,25 +209,34 @@ def main(argv=None) -> None:
             print(f"[bench] {fw}: no venv at {VENVS / fw}, skipped")
     start, load_start = time.time(), [round(x, 2) for x in os.getloadavg()]
     cache = None if args.no_compile_cache else Path(tempfile.mkdtemp(prefix="jaxalign-bench-xla-"))
+
+    def write(rows: list[dict], rounds: int, done: bool) -> None:
+        meta = {"cpu": _cpu_name(), "cores": len(os.sched_getaffinity(0)), "threads": args.threads,
+                "quick": args.quick, "rounds": rounds, "compile_cache": cache is not None, "complete": done,
+                "minutes": round((time.time() - start) / 60, 1),
+                "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start)),
+                "load_start": load_start, "load_end": [round(x, 2) for x in os.getloadavg()]}
+        write_results(Path(args.out), rows, frameworks, meta, args, show=done)
+
     try:
-        rows, rounds = _run_all(args, frameworks, model_dirs, cache)
+        rows, rounds = _run_all(args, frameworks, model_dirs, cache, write)
     finally:
         if cache is not None:
             shutil.rmtree(cache, ignore_errors=True)
+    write(rows, rounds, done=True)
+
+
+def write_results(out: Path, rows: list[dict], frameworks: list[str], meta: dict, args, show: bool) -> None:
+    """results/bench.{json,md,png} from the rows so far (written after every workload, so a run cut
+    short leaves what it measured, `"complete": false` in its meta); `show`: print the fair table."""
     specs = {f"{w}/{m}": workloads.spec(m, w, args.quick) for m in args.models.split(",")
              for w in args.workloads.split(",")}
     rows = add_mfu(rows, specs)
-    meta = {"cpu": _cpu_name(), "cores": len(os.sched_getaffinity(0)), "threads": args.threads,
-            "quick": args.quick, "rounds": rounds, "compile_cache": cache is not None,
-            "minutes": round((time.time() - start) / 60, 1), "started": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                                        time.gmtime(start)),
-            "load_start": load_start, "load_end": [round(x, 2) for x in os.getloadavg()]}
     fair = fair_table(rows, frameworks)
-    head = (f"CPU: {meta['cpu']} ({meta['cores']} cores); {rounds} rounds; started {meta['started']}, "
-            f"{meta['minutes']} min; load averages (1/5/15 min) {meta['load_start']} at the start, "
-            f"{meta['load_end']} at the end.")
-    print("\n" + head + "\n\n" + fair)
-    out = Path(args.out)
+    threads = f"every process pinned to {meta['threads']} core(s)" if meta["threads"] else "all cores"
+    head = (f"CPU: {meta['cpu']} ({meta['cores']} cores, {threads}); {meta['rounds']} rounds; started "
+            f"{meta['started']}, {meta['minutes']} min{'' if meta['complete'] else ' so far (incomplete)'}; "
+            f"load averages (1/5/15 min) {meta['load_start']} at the start, {meta['load_end']} at the end.")
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (out / "bench.md").write_text(f"<!-- {json.dumps(meta)} -->\n{head}\n\n{fair}\n\n## Every row\n\n"
@@ -235,11 +244,13 @@ def main(argv=None) -> None:
     from benchmarks.plot import plot  # imported here: plot imports this module
 
     plot(rows, out / "bench.png")
-    print(f"\n[bench] wrote {out / 'bench.json'}, {out / 'bench.md'} and {out / 'bench.png'} "
-          f"({meta['minutes']} min)")
+    if show:
+        print("\n" + head + "\n\n" + fair)
+        print(f"\n[bench] wrote {out / 'bench.json'}, {out / 'bench.md'} and {out / 'bench.png'} "
+              f"({meta['minutes']} min)")
 
 
-def _run_all(args, frameworks: list[str], model_dirs: dict, cache: Path | None) -> tuple[list[dict], int]:
+def _run_all(args, frameworks: list[str], model_dirs: dict, cache: Path | None, write) -> tuple[list[dict], int]:
     rows = matmul_ceiling(args.threads)
     rounds = 1 if args.quick else max(1, args.rounds)
     for model in args.models.split(","):
@@ -251,6 +262,7 @@ def _run_all(args, frameworks: list[str], model_dirs: dict, cache: Path | None) 
                                             threads=args.threads, cache=cache))
             for fw in frameworks:
                 rows += aggregate_rounds(runs[fw])
+            write(rows, rounds, done=False)
     if args.extras and "smollm2" in args.models.split(","):
         for name, override in SCALING.items():
             rows += run_one("jaxalign", "smollm2", model_dirs["smollm2"], name, quick=args.quick,

@@ -5,10 +5,12 @@
 
 `make bench` writes it too. Four panels:
   1. speed ratio vs each peer per workload (peer time / jaxalign time, tokens/s the other way),
+     beside the FLOPs ratio (peer FLOPs / jaxalign FLOPs: the part of the lead that is less work),
   2. peak-RSS ratio vs each peer, rerun (cache warm) and first run (compiling),
-  3. the SmolLM2 DPO step's time against tokens per step, along sequence length and along
-     batch, with the line a time proportional to tokens would follow,
-  4. jaxalign's model-FLOPs utilisation rows against the 60% target.
+  3. time from launch to the end of the first step, cold and with a warm compilation cache, per
+     framework on the SmolLM2 rows; with `--extras` rows, the SmolLM2 DPO step's time against
+     tokens per step instead, along sequence length and along batch,
+  4. every framework's model-FLOPs utilisation on the SmolLM2 rows.
 Ratios are drawn on a log axis, so 2x ahead and 2x behind sit the same distance from 1x.
 """
 
@@ -25,8 +27,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import workloads  # noqa: E402
 
 from benchmarks.bench import SCALING, ratio  # noqa: E402
-
-MFU_TARGET = 60.0
 
 
 def dpo_scaling(rows: list[dict], model: str = "smollm2") -> dict[str, list[tuple[int, float]]]:
@@ -57,6 +57,34 @@ def dpo_scaling(rows: list[dict], model: str = "smollm2") -> dict[str, list[tupl
 def _label(workload: str) -> str:
     name, _, model = workload.partition("/")
     return f"{name.replace('_step', '').replace('_g', ' G').replace('grpo', 'GRPO').replace('dpo', 'DPO')}, {model}"
+
+
+def grouped_bars(ax, rows: list[dict], metrics: tuple[str, ...], labels: tuple[str, ...], title: str) -> None:
+    """Horizontal bars of `metrics` per SmolLM2 workload, one colour per framework (light: later metrics)."""
+    colors = {"jaxalign": "tab:blue", "trl": "tab:orange", "tunix": "tab:green"}
+    pick = [r for r in rows if r["metric"] in metrics and r["workload"].endswith("/smollm2")
+            and math.isfinite(r["value"])]
+    workloads_ = list(dict.fromkeys(r["workload"] for r in pick))
+    fws = [f for f in colors if any(r["framework"] == f for r in pick)]
+    bars = [(f, m, lab) for f in fws for m, lab in zip(metrics, labels)]
+    height = 0.8 / max(len(bars), 1)
+    index = {(r["workload"], r["framework"], r["metric"]): r["value"] for r in pick}
+    for i, (f, m, lab) in enumerate(bars):
+        ys = [j + (i - (len(bars) - 1) / 2) * height for j, w in enumerate(workloads_) if (w, f, m) in index]
+        xs = [index[(w, f, m)] for w in workloads_ if (w, f, m) in index]
+        ax.barh(ys, xs, height=height, color=colors[f], alpha=1.0 if m == metrics[0] else 0.45,
+                label=f"{f} {lab}".strip())
+        for y, x in zip(ys, xs):
+            ax.text(x, y, f" {x:.3g}", va="center", fontsize=6)
+    if not pick:
+        ax.text(0.5, 0.5, "no SmolLM2 rows in this run", ha="center", va="center", transform=ax.transAxes,
+                color="gray")
+    ax.set_yticks(range(len(workloads_)), [_label(w) for w in workloads_], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, axis="x")
+    if pick:
+        ax.legend(fontsize=7)
 
 
 def plot(rows: list[dict], path: str | Path) -> Path:
@@ -115,14 +143,16 @@ def plot(rows: list[dict], path: str | Path) -> Path:
         ax.grid(alpha=0.3, axis="x")
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(bars))
 
-    ratio_bars(axes[0, 0], {"speed": ""}, "speed: peer time / jaxalign time (tokens/s: jaxalign / peer)")
+    ratio_bars(axes[0, 0], {"speed": "speed", "model_flops": "FLOPs"},
+               "speed: peer time / jaxalign time (tokens/s: jaxalign / peer);\nFLOPs: peer / jaxalign")
     ratio_bars(axes[0, 1], {"peak_rss": "rerun", "peak_rss_first_run": "first run"},
                "peak RSS: peer / jaxalign")
 
     ax = axes[1, 0]
     series = dpo_scaling(rows)
-    if not any(series.values()):
-        empty(ax, "DPO step, SmolLM2-135M: time against tokens", "no SmolLM2 DPO rows in this run")
+    if not any(len(v) > 1 for v in series.values()):
+        grouped_bars(ax, rows, ("time_to_first_step_cold", "time_to_first_step_warm"), ("cold", "warm cache"),
+                     "launch to the end of the first step, SmolLM2-135M (s)")
     else:
         for name, marker in (("length", "o"), ("batch", "s")):
             pts = series[name]
@@ -138,26 +168,7 @@ def plot(rows: list[dict], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
 
-    ax = axes[1, 1]
-    metrics = ("mfu", "train_mfu", "matmul_mfu", "matmul_mfu_paired")
-    mfu = [r for r in rows if r["framework"] == "jaxalign" and r["metric"] in metrics
-           and r["workload"].endswith("/smollm2") and math.isfinite(r["value"])]
-    names = [f"{r['workload'].split('/')[0]} {r['metric']}" for r in mfu]
-    if not mfu:
-        note(ax, "no SmolLM2 MFU rows in this run")
-    ax.barh(range(len(mfu)), [r["value"] for r in mfu],
-            color=["tab:blue" if r["value"] >= MFU_TARGET else "tab:gray" for r in mfu])
-    ax.axvline(MFU_TARGET, color="tab:red", ls="--", label=f"target {MFU_TARGET:.0f}%")
-    for i, r in enumerate(mfu):
-        ax.text(r["value"], i, f" {r['value']:.1f}%", va="center", fontsize=7)
-    ax.set_yticks(range(len(mfu)), names, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, max([100.0] + [1.05 * r["value"] for r in mfu]))
-    ax.set_xlabel("% of the f32 GEMM ceiling\n(the run's; _paired: a GEMM timed in turn with the parts)")
-    ax.set_title("jaxalign MFU, SmolLM2-135M\n(mfu: step; train_mfu: less rollout; matmul_mfu: GEMM-bound part)",
-                 fontsize=10)
-    ax.grid(alpha=0.3, axis="x")
-    ax.legend(fontsize=8)
+    grouped_bars(axes[1, 1], rows, ("mfu",), ("",), "MFU, SmolLM2-135M (% of the run's best f32 GEMM rate)")
 
     fig.tight_layout()
     path = Path(path)
@@ -172,7 +183,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="PNG path (default: beside the rows, .png)")
     args = ap.parse_args(argv)
     out = args.out or str(Path(args.rows).with_suffix(".png"))
-    print(f"[plot] wrote {plot(json.loads(Path(args.rows).read_text()), out)}")
+    data = json.loads(Path(args.rows).read_text())
+    print(f"[plot] wrote {plot(data['rows'] if isinstance(data, dict) else data, out)}")
 
 
 if __name__ == "__main__":

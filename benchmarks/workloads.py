@@ -17,8 +17,7 @@ What each workload does (the same on every side, fp32, CPU):
   preference pairs. Prompt ``prompt_len`` tokens, chosen and rejected
   completions ``completion_len`` tokens each (no padding). Policy forward and
   backward on chosen and rejected, a frozen reference forward (no grad),
-  AdamW (lr 1e-6). Metric ``step_time`` (median over ``steps`` after
-  ``warmup``), seconds.
+  AdamW (lr 1e-6). Metric ``step_time``, seconds.
 - ``grpo_step_g4`` / ``grpo_step_g8``: one GRPO iteration: sample ``G``
   completions of exactly ``new_tokens`` tokens (temperature 1, no top-k/top-p,
   EOS disabled) for each of ``prompts`` prompts, score them with
@@ -33,12 +32,25 @@ What each workload does (the same on every side, fp32, CPU):
   the MFU of the step's matmul-bound work.
 - ``sample``: generate exactly ``new_tokens`` tokens for ``batch`` prompts of
   ``prompt_len`` tokens (temperature 1, EOS disabled, KV cache). Metric
-  ``tokens_per_s`` = batch * new_tokens / median wall time over ``steps``
-  runs after ``warmup``.
+  ``tokens_per_s`` = steps * batch * new_tokens / wall time of the
+  ``steps`` runs after ``warmup``.
 
-Every runner also reports ``peak_rss`` (MiB, ``ru_maxrss`` of its process).
-Token ids come from :func:`token_ids`, a seeded NumPy draw, so every framework
-sees the same prompts and completions.
+Every runner also reports ``peak_rss`` (MiB, ``VmHWM`` of its process),
+``first_step`` (the first step's wall time, compilation included),
+``time_to_first_step`` (from the runner's launch, ``--t0``, to the end of the
+first step: imports, model load, trainer set-up, compilation, the step) and
+``model_flops`` (:func:`step_flops`: the matmul FLOPs of what that framework
+computes for one step). Token ids come from :func:`token_ids`, a seeded NumPy
+draw, so every framework sees the same prompts and completions.
+
+Timing, the same on every side: ``warmup`` steps, then ``steps`` steps run end
+to end with one synchronisation at the end; ``step_time`` is that wall time
+over ``steps`` (``tokens_per_s`` the tokens over it). No host sync is added
+inside the timed window, so a framework that pipelines its steps keeps it.
+
+Optimizer, the same on every side: AdamW (lr :data:`LR`, betas 0.9/0.999,
+eps 1e-8, weight decay :data:`WEIGHT_DECAY`), gradients clipped to a global
+norm of :data:`GRAD_CLIP` (TRL's default ``max_grad_norm``).
 """
 
 from __future__ import annotations
@@ -62,10 +74,10 @@ WORKLOADS = {
         "sample": dict(batch=8, prompt_len=16, new_tokens=64, warmup=1, steps=5),
     },
     "smollm2": {
-        "dpo_step": dict(pairs=2, prompt_len=64, completion_len=64, warmup=1, steps=3),
-        "grpo_step_g4": dict(prompts=1, G=4, prompt_len=32, new_tokens=32, warmup=1, steps=3),
-        "grpo_step_g8": dict(prompts=1, G=8, prompt_len=32, new_tokens=32, warmup=1, steps=3),
-        "sample": dict(batch=8, prompt_len=32, new_tokens=64, warmup=1, steps=3),
+        "dpo_step": dict(pairs=2, prompt_len=64, completion_len=64, warmup=1, steps=5),
+        "grpo_step_g4": dict(prompts=1, G=4, prompt_len=32, new_tokens=32, warmup=1, steps=5),
+        "grpo_step_g8": dict(prompts=1, G=8, prompt_len=32, new_tokens=32, warmup=1, steps=5),
+        "sample": dict(batch=8, prompt_len=32, new_tokens=64, warmup=1, steps=5),
     },
 }
 
@@ -75,6 +87,8 @@ DPO_BETA = 0.1
 GRPO_BETA = 0.04
 GRPO_EPS = 0.2
 LR = 1e-6
+WEIGHT_DECAY = 0.0  # TRL's default; optax.adamw's 1e-4 is overridden on the Tunix side
+GRAD_CLIP = 1.0  # global-norm clipping on every side: TRL's default max_grad_norm
 
 
 def spec(model: str, workload: str, quick: bool = False) -> dict:
@@ -110,6 +124,80 @@ def reward(completion_ids) -> float:
     """A cheap verifiable reward on one completion: the fraction of even token ids."""
     ids = list(completion_ids)
     return sum(1 for t in ids if int(t) % 2 == 0) / max(len(ids), 1)
+
+
+def forward_flops(cfg: dict, tokens: int, context: float, head_tokens: int | None = None) -> float:
+    """Matmul FLOPs of one forward pass of the Hugging Face Llama `cfg` (its config.json as a dict).
+
+    `tokens` tokens each attend to `context` keys; the LM head runs on `head_tokens` of them
+    (default all). 2 FLOPs per multiply-add: the projections and the MLP (2 x their weights per
+    token), attention's scores and weighted values (4 * context * heads * head_dim per token per
+    layer) and the LM head (2 * hidden * vocab per headed token). Embedding lookups, norms and
+    element-wise work are not counted.
+    """
+    d, f, layers, h = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads") or h
+    hd = cfg.get("head_dim") or d // h
+    per_layer = d * (h + 2 * kv) * hd + h * hd * d + 3 * d * f
+    head_tokens = tokens if head_tokens is None else head_tokens
+    return (float(tokens) * (2 * layers * per_layer + layers * 4 * context * h * hd)
+            + float(head_tokens) * 2 * d * cfg["vocab_size"])
+
+
+# What each framework computes, in the terms of `step_flops`: where its LM head runs, how many
+# rows its prefill has and how many decode forwards it runs, and which extra forwards it does.
+# Read from each framework's code (benchmarks/README.md, "FLOPs"):
+# - jaxalign scores only the response columns (DPO: `score_width`, GRPO: the completion), prefills
+#   a GRPO group's prompt once and repeats its cache, projects only the last prefill position, and
+#   recomputes the old log-probs with the trainer's program (one more forward).
+# - TRL's fused LM head projects only positions with a label (the completion); transformers'
+#   `generate` prefills every row (the prompt repeated G times) and keeps the last position's logits.
+# - Tunix's Llama3 projects every position and slices after; its sampler prefills every row with
+#   all positions' logits and runs one decode forward more than it keeps.
+FLOP_MODEL = {
+    "jaxalign": dict(head="response", prefill_rows="prompts", prefill_head="last", extra_decode=0,
+                     old_logps=True),
+    "trl": dict(head="response", prefill_rows="rows", prefill_head="last", extra_decode=0, old_logps=False),
+    "tunix": dict(head="all", prefill_rows="rows", prefill_head="all", extra_decode=1, old_logps=False),
+}
+
+
+def _generation_flops(cfg: dict, m: dict, prompts: int, n: int, prompt_len: int, new_tokens: int) -> float:
+    """Prefill of `prompts` prompts (repeated `n` times where the framework prefills every row) and
+    the decode forwards of `prompts * n` rows: the first token comes from the prefill, each later one
+    from a forward over a context one token longer."""
+    rows = prompts * n
+    pre_rows = prompts if m["prefill_rows"] == "prompts" else rows
+    pre_head = pre_rows if m["prefill_head"] == "last" else pre_rows * prompt_len
+    out = forward_flops(cfg, pre_rows * prompt_len, prompt_len, pre_head)
+    for t in range(1, new_tokens + m["extra_decode"]):
+        out += forward_flops(cfg, rows, prompt_len + t, rows)
+    return out
+
+
+def step_flops(framework: str, workload: str, cfg: dict, s: dict, score_width: int | None = None) -> dict:
+    """Matmul FLOPs of one step of `workload` (spec `s`) as `framework` computes it (`FLOP_MODEL`).
+
+    Returns {"model_flops": the whole step, "train_flops": the policy's forward and backward alone}
+    ("train_flops" absent for `sample`). A backward pass counts twice its forward. `score_width`:
+    jaxalign's DPO response columns (default `completion_len`).
+    """
+    m = FLOP_MODEL[framework]
+    if workload.startswith("dpo"):
+        length, rows = s["prompt_len"] + s["completion_len"], 2 * s["pairs"]
+        head = rows * (score_width or s["completion_len"]) if m["head"] == "response" else rows * length
+        fwd = forward_flops(cfg, rows * length, length, head)
+        return {"model_flops": 4 * fwd, "train_flops": 3 * fwd}  # policy forward + backward, reference
+    if workload.startswith("grpo"):
+        rows, length = s["prompts"] * s["G"], s["prompt_len"] + s["new_tokens"]
+        head = rows * s["new_tokens"] if m["head"] == "response" else rows * length
+        fwd = forward_flops(cfg, rows * length, length, head)
+        gen = _generation_flops(cfg, m, s["prompts"], s["G"], s["prompt_len"], s["new_tokens"])
+        extra = (2 if m["old_logps"] else 1) * fwd  # reference (+ old log-probs)
+        return {"model_flops": gen + extra + 3 * fwd, "train_flops": 3 * fwd}
+    if workload.startswith("sample"):
+        return {"model_flops": _generation_flops(cfg, m, s["batch"], 1, s["prompt_len"], s["new_tokens"])}
+    raise ValueError(f"step_flops: unknown workload {workload!r}")
 
 
 def status_mib(field: str) -> float | None:

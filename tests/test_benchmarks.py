@@ -78,29 +78,79 @@ def test_workload_data_is_deterministic_and_shaped():
     assert 0 < workloads.peak_rss_mib() < 1e6
 
 
-def test_best_round_keeps_the_fastest_run_and_notes_every_round():
-    slow = [_row("d/m", "trl", "step_time", 2.0), _row("d/m", "trl", "peak_rss", 100.0, "MiB")]
-    fast = [_row("d/m", "trl", "step_time", 1.5), _row("d/m", "trl", "peak_rss", 110.0, "MiB")]
-    kept = bench.best_round([slow, fast])
-    assert [r["value"] for r in kept] == [1.5, 110.0]  # the whole fast run, its RSS included
-    assert kept[0]["note"] == "best of 2 rounds (2, 1.5)"
-    tok = [[_row("s/m", "trl", "tokens_per_s", v, "tok/s")] for v in (30.0, 40.0)]
-    assert bench.best_round(tok)[0]["value"] == 40.0
+def test_rounds_report_the_median_with_the_lowest_and_highest():
+    runs = [[_row("d/m", "trl", "step_time", v), _row("d/m", "trl", "model_flops", 5.0, "FLOP")]
+            for v in (2.0, 1.5, 3.0)]
+    out = {r["metric"]: r for r in bench.aggregate_rounds(runs)}
+    assert out["step_time"]["value"] == 2.0 and (out["step_time"]["low"], out["step_time"]["high"]) == (1.5, 3.0)
+    assert out["step_time"]["rounds"] == [2.0, 1.5, 3.0] and out["model_flops"]["value"] == 5.0
     failed = [_row("d/m", "trl", "error", float("nan"), "")]
-    assert bench.best_round([failed, slow])[0]["value"] == 2.0
-    assert bench.best_round([slow]) == slow
+    out = bench.aggregate_rounds([runs[0], failed, runs[2]])  # a failed round is left out
+    assert out[0]["value"] == 2.5 and out[0]["rounds"] == [2.0, 3.0]
+    assert bench.aggregate_rounds([failed]) == failed
 
 
-def test_rss_and_first_step_come_from_the_rerun_with_first_run_rows_beside_them():
-    cold = [_row("d/m", "tunix", "step_time", 1.0), _row("d/m", "tunix", "compile_or_first_step", 5.0),
-            _row("d/m", "tunix", "peak_rss", 600.0, "MiB")]
-    warm = [_row("d/m", "tunix", "step_time", 1.2), _row("d/m", "tunix", "compile_or_first_step", 0.5),
-            _row("d/m", "tunix", "peak_rss", 350.0, "MiB")]
-    runs = [cold, warm]
-    out = {r["metric"]: r["value"] for r in bench.first_and_rerun(runs, bench.best_round(runs))}
-    assert out == {"step_time": 1.0, "compile_or_first_step": 0.5, "compile_or_first_step_first_run": 5.0,
-                   "peak_rss": 350.0, "peak_rss_first_run": 600.0}
-    assert bench.first_and_rerun([cold], cold) == cold  # one round: nothing to split
+def test_first_step_and_rss_split_into_round_one_and_the_later_rounds():
+    def run(step, first, rss):
+        return [_row("d/m", "tunix", "step_time", step), _row("d/m", "tunix", "first_step", first),
+                _row("d/m", "tunix", "peak_rss", rss, "MiB")]
+
+    out = {r["metric"]: r["value"] for r in bench.aggregate_rounds([run(1.0, 9.0, 600.0), run(1.2, 0.5, 350.0),
+                                                                    run(1.1, 0.7, 360.0)])}
+    assert out == {"step_time": 1.1, "first_step_cold": 9.0, "first_step_warm": 0.6,
+                   "peak_rss_first_run": 600.0, "peak_rss": 355.0}
+    one = {r["metric"] for r in bench.aggregate_rounds([run(1.0, 9.0, 600.0)])}
+    assert one == {"step_time", "first_step_cold", "peak_rss_first_run"}  # one round: no warm rows
+
+
+def test_every_framework_gets_mfu_against_the_best_ceiling_and_sampler_calls_count():
+    rows = [_row("matmul/jax", "matmul-ceiling", "gflops", 100.0, "GFLOP/s"),
+            _row("matmul/torch", "matmul-ceiling", "gflops", 200.0, "GFLOP/s"),
+            _row("d/m", "trl", "step_time", 2.0), _row("d/m", "trl", "model_flops", 100e9, "FLOP"),
+            _row("s/m", "tunix", "tokens_per_s", 64.0, "tok/s"), _row("s/m", "tunix", "model_flops", 10e9, "FLOP")]
+    got = {(r["workload"], r["metric"]): r["value"] for r in bench.add_mfu(rows, {"s/m": {"batch": 8, "new_tokens": 16}})}
+    assert got[("d/m", "mfu")] == 25.0 and got[("d/m", "flop_rate")] == 50.0  # 100e9 / 2 s / 200e9
+    # a sampler call: 8 x 16 tokens at 64 tok/s = 2 s; 10e9 / 2 / 200e9 = 2.5%
+    assert got[("s/m", "mfu")] == pytest.approx(2.5) and got[("s/m", "flop_rate")] == pytest.approx(5.0)
+
+
+def test_step_flops_count_what_each_framework_computes():
+    cfg = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=1, head_dim=4, vocab_size=10)
+    body, head = 2 * 2 * 576, 2 * 80  # per token: projections + MLP of 2 layers; per headed token: LM head
+    attn = lambda context: 2 * 4 * context * 2 * 4  # noqa: E731
+    dpo = dict(pairs=1, prompt_len=3, completion_len=2)  # 2 rows of 5 tokens
+    fwd = 10 * (body + attn(5))
+    assert workloads.step_flops("jaxalign", "dpo_step", cfg, dpo, score_width=2)["model_flops"] == 4 * (fwd + 4 * head)
+    assert workloads.step_flops("trl", "dpo_step", cfg, dpo)["model_flops"] == 4 * (fwd + 4 * head)
+    assert workloads.step_flops("tunix", "dpo_step", cfg, dpo)["model_flops"] == 4 * (fwd + 10 * head)
+    # sampler, 1 prompt of 3 tokens, 3 new tokens: a prefill and 2 decode forwards (contexts 4, 5);
+    # Tunix heads every prefill position and runs one decode forward more (context 6).
+    s = dict(batch=1, prompt_len=3, new_tokens=3)
+    decode = (body + attn(4) + head) + (body + attn(5) + head)
+    assert workloads.step_flops("trl", "sample", cfg, s)["model_flops"] == 3 * (body + attn(3)) + head + decode
+    assert workloads.step_flops("tunix", "sample", cfg, s)["model_flops"] == \
+        3 * (body + attn(3) + head) + decode + body + attn(6) + head
+    # GRPO, 1 prompt x G = 2: jaxalign prefills the prompt once and runs one more forward (old log-probs).
+    g = dict(prompts=1, G=2, prompt_len=3, new_tokens=2)
+    train = 10 * (body + attn(5)) + 4 * head  # 2 rows x 5 tokens, the head on 2 x 2 completion tokens
+    gen_j = 3 * (body + attn(3)) + head + 2 * (body + attn(4) + head)
+    gen_t = 6 * (body + attn(3)) + 2 * head + 2 * (body + attn(4) + head)
+    assert workloads.step_flops("jaxalign", "grpo_step_g4", cfg, g)["model_flops"] == gen_j + 5 * train
+    assert workloads.step_flops("trl", "grpo_step_g4", cfg, g)["model_flops"] == gen_t + 4 * train
+
+
+def test_fair_table_shows_median_spread_and_marks_rows_below_the_target():
+    rows = []
+    for fw, t in (("jaxalign", 1.0), ("trl", 2.0), ("tunix", 1.1)):
+        rows += bench.aggregate_rounds([[_row("dpo_step/smollm2", fw, "step_time", t * k),
+                                         _row("dpo_step/smollm2", fw, "model_flops", 10e9, "FLOP")]
+                                        for k in (1.0, 0.9, 1.2)])
+    rows = bench.add_mfu(rows + [_row("matmul/jax", "matmul-ceiling", "gflops", 100.0, "GFLOP/s")])
+    lines = bench.fair_table(rows, ["jaxalign", "trl", "tunix"]).splitlines()
+    assert lines[2] == ("| DPO step, SmolLM2-135M | 1.00 s (0.90–1.20) | 2.00 s (1.80–2.40) | 1.10 s (0.99–1.32) "
+                        "| 2.00× | **1.10×** |")
+    assert "| 1.00 × 2.00 | 1.00 × 1.10 |" in lines[6]  # same FLOPs: the whole lead is per FLOP
 
 
 def test_the_higher_ceiling_measurement_is_kept():

@@ -8,7 +8,9 @@ old and reference log-probs, advantages, one AdamW step) and `Sampler` (built
 on `abstract_hf`'s shapes and precompiled before `load_hf` reads the weights,
 as a user with fixed shapes can).
 Besides the timing and `peak_rss` rows it reports `model_flops` per step
-(analytic, see `forward_flops`) so the orchestrator can compute MFU.
+(`workloads.step_flops`) so the orchestrator can compute MFU. Timing as every
+runner does (benchmarks/workloads.py): warm-up steps, then `steps` steps end to
+end with one `block_until_ready` at the end.
 """
 
 from __future__ import annotations
@@ -51,23 +53,27 @@ def _hide_torch():
 import workloads  # noqa: E402
 
 FW = "jaxalign"
+T0 = time.time()  # the launch, unless bench.py passes its own (--t0)
 
 
 def forward_flops(cfg, tokens: int, context: int, head_tokens: int | None = None) -> float:
-    """Matmul FLOPs of one forward pass over `tokens` tokens attending to `context` keys each.
+    """`workloads.forward_flops` for a jaxalign `ModelConfig`."""
+    hf = dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+              num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+              vocab_size=cfg.vocab_size)
+    return workloads.forward_flops(hf, tokens, context, head_tokens)
 
-    2 FLOPs per multiply-add: the projections and MLP (2 * params in matmuls),
-    the LM head on `head_tokens` of them (default all: a GRPO step scores only
-    the completion, so only that work is counted), and attention scores +
-    weighted values (4 * context * heads * head_dim per token per layer).
-    Embedding lookups and elementwise work are not counted.
-    """
-    d, f, h, kv, hd, layers = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                               cfg.head_dim, cfg.num_layers)
-    per_layer = d * (h + 2 * kv) * hd + h * hd * d + 3 * d * f
-    attn = layers * 4 * context * h * hd
-    head_tokens = tokens if head_tokens is None else head_tokens
-    return float(tokens) * (2 * layers * per_layer + attn) + float(head_tokens) * 2 * d * cfg.vocab_size
+
+def _hf_config(model_dir: str) -> dict:
+    return json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def _common_rows(workload: str, model_name: str, first: float, first_end: float, flops: dict) -> list[dict]:
+    """`first_step`, `time_to_first_step` (launch to `first_end`, a `time.time()`) and the FLOP rows."""
+    return [workloads.row(workload, model_name, FW, "first_step", first, "s", note="compilation included"),
+            workloads.row(workload, model_name, FW, "time_to_first_step", first_end - T0, "s",
+                          note="launch to the end of the first step"),
+            *(workloads.row(workload, model_name, FW, k, v, "FLOP") for k, v in flops.items())]
 
 
 def _median(xs):
@@ -108,8 +114,9 @@ def build_dpo(model_dir: str, s: dict) -> DPOSetup:
     batch = collate_preference(c, r, [s["prompt_len"]] * s["pairs"], length=length, pad_id=0)
     ref_fn = dpo.make_reference_fn(clone_model(model))
     loss_fn = dpo.make_dpo_loss_fn(dpo.DPOConfig(beta=workloads.DPO_BETA))
-    optimizer = training.make_optimizer(training.OptimConfig(lr=workloads.LR, schedule="constant",
-                                                             warmup_steps=0, grad_clip_norm=0.0))
+    optimizer = training.make_optimizer(training.OptimConfig(
+        lr=workloads.LR, schedule="constant", warmup_steps=0, weight_decay=workloads.WEIGHT_DECAY,
+        grad_clip_norm=workloads.GRAD_CLIP))
     state, model_def = training.init_train_state(model, optimizer)
     step = PairStep(wiring.build_train_step(loss_fn, optimizer, state, model_def, wiring.TrainSection()))
     return DPOSetup(step, state, batch, ref_fn, cfg, loss_fn, model_def)
@@ -121,23 +128,28 @@ def dpo_step(model_dir: str, model_name: str, s: dict) -> list[dict]:
     from jaxalign.algorithms import dpo
 
     step, state, batch, ref_fn, cfg, _, _ = build_dpo(model_dir, s)
-    length = s["prompt_len"] + s["completion_len"]
-    times = []
-    for i in range(s["warmup"] + s["steps"]):
-        t = time.perf_counter()
-        full = dpo.attach_reference(batch, ref_fn=ref_fn)
-        state, metrics = step(state, full)
-        jax.block_until_ready(state.params)
-        times.append(time.perf_counter() - t)
-    tokens = 2 * s["pairs"] * length
-    # policy forward + backward (3x) + reference forward; the LM head runs on the score_width
-    # response columns only (the loss never reads the prompt's logits), so only they count.
-    flops = 4 * forward_flops(cfg, tokens, length, head_tokens=2 * s["pairs"] * batch["score_width"])
+
+    def one(state):
+        return step(state, dpo.attach_reference(batch, ref_fn=ref_fn))
+
+    t = time.perf_counter()
+    state, metrics = one(state)
+    jax.block_until_ready(state.params)
+    first, first_end = time.perf_counter() - t, time.time()
+    for _ in range(s["warmup"] - 1):
+        state, metrics = one(state)
+    jax.block_until_ready(state.params)
+    t = time.perf_counter()
+    for _ in range(s["steps"]):
+        state, metrics = one(state)
+    jax.block_until_ready(state.params)
+    step_time = (time.perf_counter() - t) / s["steps"]
+    # The LM head runs on the score_width response columns only (the loss never reads the prompt's logits).
+    flops = workloads.step_flops(FW, "dpo_step", _hf_config(model_dir), s, score_width=batch["score_width"])
     loss = float(metrics["loss"]) if "loss" in metrics else float("nan")
-    return [workloads.row("dpo_step", model_name, FW, "step_time", _median(times[s["warmup"]:]), "s",
-                          note=f"live reference; loss {loss:.4f}"),
-            workloads.row("dpo_step", model_name, FW, "compile_or_first_step", times[0], "s"),
-            workloads.row("dpo_step", model_name, FW, "model_flops", flops, "FLOP")]
+    return [workloads.row("dpo_step", model_name, FW, "step_time", step_time, "s",
+                          note=f"live reference; {s['steps']} steps end to end, one sync; last loss {loss:.4f}"),
+            *_common_rows("dpo_step", model_name, first, first_end, flops)]
 
 
 def _loss_and_grad(loss_fn, model_def, params, arrays, options: dict | None = None):
@@ -290,8 +302,9 @@ def build_grpo(model_dir: str, s: dict) -> GRPOSetup:
     cfg = onpolicy.preset("grpo", group_size=g, prompts_per_step=s["prompts"], beta=workloads.GRPO_BETA,
                           clip_eps_low=workloads.GRPO_EPS)
     sampling = onpolicy.SamplingConfig(max_new_tokens=n, temperature=1.0)
-    optimizer = training.make_optimizer(training.OptimConfig(lr=workloads.LR, schedule="constant",
-                                                             warmup_steps=0, grad_clip_norm=0.0))
+    optimizer = training.make_optimizer(training.OptimConfig(
+        lr=workloads.LR, schedule="constant", warmup_steps=0, weight_decay=workloads.WEIGHT_DECAY,
+        grad_clip_norm=workloads.GRAD_CLIP))
     model_def = training.ModelDef.of(model)[0]
     run = wiring.build_onpolicy(cfg, sampling, model, tokenizer=tokenizer, reward_fn=reward_fn, prompts=iter(()),
                                 optimizer=optimizer, mesh=None, seed=0, train=wiring.TrainSection())
@@ -311,33 +324,37 @@ def grpo_step(model_dir: str, model_name: str, s: dict, workload: str) -> list[d
 
     step, state, batch, mcfg, _, _, _ = build_grpo(model_dir, s)
     n = s["new_tokens"]
-    times, gen = [], []
-    for i in range(s["warmup"] + s["steps"]):
-        t = time.perf_counter()
+    t = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(state.params)
+    first, first_end = time.perf_counter() - t, time.time()
+    for _ in range(s["warmup"] - 1):
         state, metrics = step(state, batch)
-        jax.block_until_ready(state.params)
-        times.append(time.perf_counter() - t)
+    jax.block_until_ready(state.params)
+    # Each step syncs by itself (the rewards are computed on the host from the sampled tokens), so
+    # the host's intervals between steps are per-step times too; nothing is added to get them.
+    stamps, gen, lengths = [time.perf_counter()], [], []
+    for _ in range(s["steps"]):
+        state, metrics = step(state, batch)
+        stamps.append(time.perf_counter())
         gen.append(metrics["rollout_time_s"])
-        if metrics["response_length_mean"] != n:
-            raise RuntimeError(f"generated {metrics['response_length_mean']} tokens per row, not {n}")
-    rows_n = s["prompts"] * s["G"]
-    # generation: prefill of the prompt, then n single-token steps over a growing context
-    gen_flops = forward_flops(mcfg, rows_n * s["prompt_len"], s["prompt_len"]) + sum(
-        forward_flops(mcfg, rows_n, s["prompt_len"] + t + 1) for t in range(n))
-    # The LM head scores the n completion tokens only. The reference forward and the trainer's
-    # recomputation of the old log-probs (a third of train_flops each) run inside the rollout (their
-    # time is in generation_time), so train_flops, the part timed by step time less generation
-    # time, is the policy's forward and backward alone.
-    train_flops = _grpo_train_flops(mcfg, s)
-    w = s["warmup"]
-    return [workloads.row(workload, model_name, FW, "step_time", _median(times[w:]), "s",
-                          note=f"generation {_median(gen[w:]):.3f} s of it (rollout incl. old and reference "
-                               "log-probs)"),
-            workloads.row(workload, model_name, FW, "generation_time", _median(gen[w:]), "s"),
-            workloads.row(workload, model_name, FW, "compile_or_first_step", times[0], "s"),
-            workloads.row(workload, model_name, FW, "model_flops", gen_flops + 2 * train_flops / 3 + train_flops,
-                          "FLOP"),
-            workloads.row(workload, model_name, FW, "train_flops", train_flops, "FLOP")]
+        lengths.append(metrics["response_length_mean"])
+    jax.block_until_ready(state.params)
+    step_time = (time.perf_counter() - stamps[0]) / s["steps"]
+    if any(float(x) != n for x in lengths):
+        raise RuntimeError(f"generated {sorted({float(x) for x in lengths})} tokens per row, not {n}")
+    per_step = [b - a for a, b in zip(stamps, stamps[1:])]
+    # The reference forward and the recomputation of the old log-probs run inside the rollout (their
+    # time is in generation_time); train_flops, timed by step time less generation time, is the
+    # policy's forward and backward alone.
+    flops = workloads.step_flops(FW, workload, _hf_config(model_dir), s)
+    return [workloads.row(workload, model_name, FW, "step_time", step_time, "s",
+                          note=f"{s['steps']} steps end to end, one sync; generation {_median(gen):.3f} s of a step "
+                               "(rollout incl. old and reference log-probs)"),
+            workloads.row(workload, model_name, FW, "step_time_median", _median(per_step), "s",
+                          note="median of the host's per-step intervals", times=[round(x, 4) for x in per_step]),
+            workloads.row(workload, model_name, FW, "generation_time", _median(gen), "s"),
+            *_common_rows(workload, model_name, first, first_end, flops)]
 
 
 def grpo_parts(model_dir: str, model_name: str, s: dict, workload: str) -> list[dict]:
@@ -382,7 +399,7 @@ def sample(model_dir: str, model_name: str, s: dict) -> list[dict]:
     # Compile (or load from the cache) before the weights are read, so the compiler's peak
     # does not stack on them: the shapes are known up front (docs/sampling.md).
     abstract, cfg = abstract_hf(model_dir)
-    sampler = Sampler(abstract, layer_loop=s.get("layer_loop"))  # None: the default (docs/sampling.md)
+    sampler = Sampler(abstract)
     t = time.perf_counter()
     sampler.precompile(s["batch"], s["prompt_len"], max_new_tokens=s["new_tokens"], rng=jax.random.PRNGKey(0))
     compile_s = time.perf_counter() - t
@@ -391,18 +408,29 @@ def sample(model_dir: str, model_name: str, s: dict) -> list[dict]:
     prompts = workloads.prompts(cfg.vocab_size, s["batch"], s["prompt_len"])
     mask = np.ones_like(prompts)
     params = nnx.state(model, nnx.Param)
-    times = []
-    for i in range(s["warmup"] + s["steps"]):
-        t = time.perf_counter()
-        out = sampler(params, prompts, mask, max_new_tokens=s["new_tokens"], rng=jax.random.PRNGKey(i),
-                      temperature=1.0)
-        jax.block_until_ready(out.completions)
-        times.append(time.perf_counter() - t)
+
+    def once(i):
+        return sampler(params, prompts, mask, max_new_tokens=s["new_tokens"], rng=jax.random.PRNGKey(i),
+                       temperature=1.0)
+
+    t = time.perf_counter()
+    out = once(0)
+    jax.block_until_ready(out.completions)
+    first, first_end = compile_s + time.perf_counter() - t, time.time()
+    for i in range(1, s["warmup"]):
+        out = once(i)
+    jax.block_until_ready(out.completions)
+    t = time.perf_counter()
+    for i in range(s["steps"]):
+        out = once(s["warmup"] + i)
+    jax.block_until_ready(out.completions)
+    dt = (time.perf_counter() - t) / s["steps"]
     assert np.asarray(out.completions).shape == (s["batch"], s["new_tokens"])
-    dt = _median(times[s["warmup"]:])
-    return [workloads.row("sample", model_name, FW, "tokens_per_s", s["batch"] * s["new_tokens"] / dt, "tok/s"),
-            workloads.row("sample", model_name, FW, "compile_or_first_step", compile_s + times[0], "s",
-                          note="precompile + first call")]
+    flops = workloads.step_flops(FW, "sample", _hf_config(model_dir), s)
+    rows = _common_rows("sample", model_name, first, first_end, flops)
+    rows[0]["note"] = "precompile + first call"
+    return [workloads.row("sample", model_name, FW, "tokens_per_s", s["batch"] * s["new_tokens"] / dt, "tok/s",
+                          note=f"{s['steps']} calls end to end, one sync"), *rows]
 
 
 def main(argv=None) -> None:
@@ -415,7 +443,10 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--override", default="{}", help="JSON dict merged into the workload spec (scaling runs)")
+    ap.add_argument("--t0", type=float, default=None, help="the launch's time.time() (bench.py passes it)")
     args = ap.parse_args(argv)
+    global T0
+    T0 = args.t0 or T0
     from jaxalign.host import enable_compilation_cache
 
     enable_compilation_cache()  # as the entry scripts do; under bench.py the cache is set through JAX's env

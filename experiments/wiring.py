@@ -47,6 +47,9 @@ class ModelSection:
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=lambda: dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=256))
+    # LoRA / QLoRA (`jaxalign.models.lora.LoraConfig`): rank 0 = off; alpha; targets; quantize none|int8|nf4.
+    lora: Mapping[str, Any] = dataclasses.field(default_factory=lambda: dict(
+        rank=0, alpha=16.0, targets=["q", "k", "v", "o", "gate", "up", "down"], quantize="none"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -437,6 +440,7 @@ def build_model(model_cfg: ModelSection, mesh, *, value_head: bool = False):
     from transformers import AutoTokenizer
 
     from jaxalign import models, sharding
+    from jaxalign.models import lora
 
     dtype = jnp.dtype(model_cfg.dtype)
     path = resolve_model_path(model_cfg.path)
@@ -447,6 +451,11 @@ def build_model(model_cfg: ModelSection, mesh, *, value_head: bool = False):
         cfg = models.tiny_config(model_cfg.family, vocab_size=len(tokenizer), **dict(model_cfg.overrides))
         model = sharding.create_sharded_model(
             lambda: models.Transformer(cfg, rngs=nnx.Rngs(model_cfg.seed), param_dtype=dtype), mesh)
+    lora_cfg = typed(lora.LoraConfig, model_cfg.lora, "model.lora")
+    if lora_cfg.rank:  # adapters (and QLoRA's codes) built here, then placed by the rules like every Param
+        lora.attach_lora(model, lora_cfg, rngs=nnx.Rngs(model_cfg.seed + 2))
+        lora.quantize_base(model, lora_cfg.quantize)
+        sharding.shard_model(model, mesh)
     if value_head and not isinstance(model, models.ValueModel):
         model = models.with_value_head(model, init="reward", rngs=nnx.Rngs(model_cfg.seed + 1))
     return model, tokenizer

@@ -156,3 +156,82 @@ def test_qlora_forward_is_the_dequantized_base_plus_adapters(kind):
     # The same weights dequantized once, in a plain float model: the forward must agree.
     np.testing.assert_allclose(np.asarray(lora.merged(model)(tokens)), quantized, atol=2e-5, rtol=0)
     assert 0 < np.abs(quantized - dense).max() < (0.05 if kind == "int8" else 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the config: experiments/train.py (DPO) and experiments/rl.py (GRPO) with model.lora.
+
+
+@pytest.fixture(scope="module")
+def pref_files(tmp_path_factory):
+    from tests._tokenizers import make_char_tokenizer
+
+    d = tmp_path_factory.mktemp("lora_dpo")
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(32):
+        a, b = rng.integers(1, 9, size=2)
+        rows.append({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": "?"})
+    (d / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    make_char_tokenizer(d / "tok")
+    return d
+
+
+def _dpo_config(d, workdir, steps):
+    from experiments.configs import dpo_jsonl
+
+    cfg = dpo_jsonl.get_config()
+    cfg.unlock()
+    cfg.workdir = str(workdir)
+    cfg.model.tokenizer = str(d / "tok")
+    cfg.model.lora = dict(rank=4, alpha=8.0, targets=["q", "v", "o", "down"], quantize="int8")
+    cfg.data.update(dict(train=str(d / "pref.jsonl"), data_dir=str(d / "tfds"), max_length=16, batch_size=8,
+                         buckets=16))
+    cfg.algorithm.precompute_reference = False  # the reference is the base, adapters off, in the step
+    cfg.train.update(dict(steps=steps, log_every=1, eval_every=0))
+    cfg.checkpoint.every = 2
+    cfg.optim.update(dict(lr=1e-2, total_steps=4, warmup_steps=0))
+    return cfg
+
+
+def test_qlora_dpo_through_the_config_learns_exports_and_resumes_exactly(pref_files, tmp_path):
+    from experiments import train as entry
+
+    out = entry.run(_dpo_config(pref_files, tmp_path / "full", steps=4))
+    rows = out["rows"]
+    assert rows[0]["loss"] == pytest.approx(np.log(2), abs=1e-5)  # B = 0: the policy is its base at step 1
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.05
+    config = json.loads((tmp_path / "full" / "export_adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and sorted(config["target_modules"]) == ["down_proj", "o_proj", "q_proj", "v_proj"]
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "full" / "export"))
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    # Stopped after 2 steps and resumed from its checkpoint: the same adapters, bit for bit.
+    entry.run(_dpo_config(pref_files, tmp_path / "resumed", steps=2))
+    resumed = entry.run(_dpo_config(pref_files, tmp_path / "resumed", steps=4))
+    assert [r["step"] for r in resumed["rows"]] == [3, 4]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed["state"].params),
+                 jax.device_get(out["state"].params))
+
+
+def test_lora_grpo_through_rl_py_keeps_the_base_as_reference(tmp_path):
+    from experiments import rl
+    from experiments.configs import grpo_arithmetic
+    from jaxalign.tasks import arithmetic
+
+    cfg = grpo_arithmetic.get_config()
+    cfg.unlock()
+    cfg.workdir = str(tmp_path)
+    cfg.model.path = ""
+    cfg.model.tokenizer = str(arithmetic.TOKENIZER_DIR)
+    cfg.model.lora = dict(rank=4, alpha=8.0, targets=["q", "k", "v", "o", "gate", "up", "down"], quantize="none")
+    cfg.task.update(dict(train_prompts=32, eval_prompts=8, eval_batch_size=8))
+    cfg.algorithm.update(dict(prompts_per_step=4, group_size=2, beta=0.1))
+    cfg.sampling.max_new_tokens = 4
+    cfg.optim.lr = 1e-2
+    cfg.train.update(dict(steps=2, log_every=1, eval_every=0))
+    out = rl.run(cfg)
+    rows = out["rows"]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as its base
+    assert rows[1]["kl"] > 0  # the adapters moved; the reference (adapters off) did not
+    assert (tmp_path / "export_adapter" / "adapter_model.safetensors").is_file()
+    transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"))

@@ -134,3 +134,19 @@ def attach_reference(batch: dict, *, ref_fn=None, table=None) -> dict:
     else:
         c, r = ref_fn(batch)
     return {**batch, "ref_chosen_logps": c, "ref_rejected_logps": r}
+
+
+def with_base_reference(loss_fn, **pair_kw):
+    """`loss_fn` with its reference log-probs computed in the step from the policy's own base:
+    a LoRA policy with its adapters off (`jaxalign.models.lora.adapters_off`), no second copy of
+    the weights. `pair_kw`: keywords of `pair_logprobs` (e.g. `logprob_chunk`)."""
+    from jaxalign.models.lora import adapters_off
+
+    def wrapped(policy, batch, rng, *, last: int | None = None):
+        with adapters_off(policy):
+            rc, rr, _, _ = pair_logprobs(policy, batch, last=last, **pair_kw)
+        batch = {**batch, "ref_chosen_logps": jax.lax.stop_gradient(rc),
+                 "ref_rejected_logps": jax.lax.stop_gradient(rr)}
+        return loss_fn(policy, batch, rng, last=last)
+
+    return wrapped

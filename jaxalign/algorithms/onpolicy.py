@@ -53,6 +53,7 @@ from jaxalign.losses import (
     ppo_value_loss,
 )
 from jaxalign.models import clone_model, copy_tree
+from jaxalign.models.lora import base_view, has_lora
 from jaxalign.models.logprobs import head_logprobs
 from jaxalign.sampling import Sampler
 
@@ -154,7 +155,11 @@ class OnPolicyStep:
         self.sampler = Sampler(policy)
         self.old_logps = make_logprob_fn(policy, temperature=sampling.temperature, logprob_chunk=logprob_chunk)
         self.ref_logps = self.ref_params = None
-        if cfg.needs_reference:
+        if cfg.needs_reference and has_lora(policy):
+            # The base with its adapters off, run on the policy's current params: no second copy.
+            self.ref_logps = make_logprob_fn(base_view(policy), temperature=sampling.temperature,
+                                             logprob_chunk=logprob_chunk)
+        elif cfg.needs_reference:
             # A copy: the train state may alias (and donate) the arrays the policy started from.
             self.ref_params = copy_tree(nnx.to_pure_dict(nnx.state(reference, nnx.Param)))
             self.ref_logps = make_logprob_fn(reference, temperature=sampling.temperature,
@@ -246,7 +251,8 @@ class OnPolicyStep:
         completion = drawn["loss_mask"][:, -n:].astype(np.float32)
         model_in = {"tokens": tokens, "attention_mask": attention, "loss_mask": drawn["loss_mask"]}
         old = np.asarray(self.old_logps(self.policy_params(params), model_in, last=n))
-        ref = None if self.ref_logps is None else np.asarray(self.ref_logps(self.ref_params, model_in, last=n))
+        ref = None if self.ref_logps is None else np.asarray(self.ref_logps(
+            self.policy_params(params) if self.ref_params is None else self.ref_params, model_in, last=n))
         values = None if self.values is None else \
             np.asarray(self.values(self.critic_params(params), tokens, attention))[:, -n:]
         beta, token_kl = float(self.kl_state.kl_coef), None
@@ -340,7 +346,7 @@ def build(cfg: OnPolicyConfig, sampling: SamplingConfig, model, *, tokenizer, re
       loss and the old/reference log-probs (`jaxalign.models.logprobs.head_logprobs`;
       None: automatic, 0: all at once).
     """
-    if cfg.needs_reference and reference is None:
+    if cfg.needs_reference and reference is None and not has_lora(model):
         reference = clone_model(model)
     trained = ActorCritic(model, shared=cfg.critic == "shared") if cfg.uses_critic else model
     state, model_def = training.init_train_state(trained, optimizer, mesh=mesh, seed=seed)

@@ -32,10 +32,11 @@ setup(
     install_requires=RUNTIME,
     extras_require={
         # torch is a test-time reference only, pinned to the CPU build.
-        "test": ["pytest", "torch==2.13.0", "nbclient", "nbformat", "ipykernel",
+        # libtpu (jax[tpu]): tests/test_plan.py compiles for a TPU topology on the CPU host.
+        "test": ["pytest", "torch==2.13.0", "nbclient", "nbformat", "ipykernel", "jax[tpu]>=0.10,<0.11",
                  "gguf", "accelerate", "peft"],  # accelerate: transformers' GGUF loader (the parity reference)
         "gguf": ["gguf"],  # jaxalign.models.load_gguf (llama.cpp files)
-        "tpu": ["jax[tpu]>=0.10,<0.11"],
+        "tpu": ["jax[tpu]>=0.10,<0.11"],  # libtpu: runs on TPU VMs, and experiments/plan.py compiles for them anywhere
         "gpu": ["jax[cuda12]>=0.10,<0.11"],
     },
 )

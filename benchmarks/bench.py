@@ -196,7 +196,12 @@ def main(argv=None) -> None:
     ap.add_argument("--no-compile-cache", action="store_true",
                     help="no persistent compilation cache: every round of a JAX framework compiles")
     ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--render", metavar="BENCH_JSON", help="rewrite bench.{md,png} (and the JSON) of a run's JSON")
     args = ap.parse_args(argv)
+    if args.render:
+        data = json.loads(Path(args.render).read_text())
+        fws = [f for f in ("jaxalign", "trl", "tunix") if any(r["framework"] == f for r in data["rows"])]
+        return write_results(Path(args.render).parent, data["rows"], fws, data["meta"], show=True)
 
     from models import build_all  # benchmarks/models.py
 
@@ -216,7 +221,7 @@ def main(argv=None) -> None:
                 "minutes": round((time.time() - start) / 60, 1),
                 "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start)),
                 "load_start": load_start, "load_end": [round(x, 2) for x in os.getloadavg()]}
-        write_results(Path(args.out), rows, frameworks, meta, args, show=done)
+        write_results(Path(args.out), rows, frameworks, meta, show=done)
 
     try:
         rows, rounds = _run_all(args, frameworks, model_dirs, cache, write)
@@ -226,16 +231,20 @@ def main(argv=None) -> None:
     write(rows, rounds, done=True)
 
 
-def write_results(out: Path, rows: list[dict], frameworks: list[str], meta: dict, args, show: bool) -> None:
+DERIVED = ("mfu", "flop_rate", "train_mfu", "matmul_mfu")  # add_mfu's rows, recomputed on every write
+
+
+def write_results(out: Path, rows: list[dict], frameworks: list[str], meta: dict, show: bool) -> None:
     """results/bench.{json,md,png} from the rows so far (written after every workload, so a run cut
     short leaves what it measured, `"complete": false` in its meta); `show`: print the fair table."""
-    specs = {f"{w}/{m}": workloads.spec(m, w, args.quick) for m in args.models.split(",")
-             for w in args.workloads.split(",")}
-    rows = add_mfu(rows, specs)
+    names = {tuple(r["workload"].split("/", 1)) for r in rows if "/" in r["workload"]}
+    specs = {f"{w}/{m}": workloads.spec(m, w, meta["quick"]) for w, m in names
+             if w in workloads.WORKLOADS.get(m, {})}
+    rows = add_mfu([r for r in rows if r["metric"] not in DERIVED], specs)
     fair = fair_table(rows, frameworks)
     threads = f"every process pinned to {meta['threads']} core(s)" if meta["threads"] else "all cores"
     head = (f"CPU: {meta['cpu']} ({meta['cores']} cores, {threads}); {meta['rounds']} rounds; started "
-            f"{meta['started']}, {meta['minutes']} min{'' if meta['complete'] else ' so far (incomplete)'}; "
+            f"{meta['started']}, {meta['minutes']} min{'' if meta.get('complete', True) else ' so far (incomplete)'}; "
             f"load averages (1/5/15 min) {meta['load_start']} at the start, {meta['load_end']} at the end.")
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -52,7 +52,8 @@ def aggregate_rounds(runs: list[list[dict]]) -> list[dict]:
             continue
         row = {**r, "value": statistics.median(values)}
         if metric in PRIMARY or metric == "step_time_median":
-            row.update(rounds=values, low=min(values), high=max(values))
+            row.update(rounds=values, low=min(values), high=max(values),
+                       loads=[next(x.get("load") for x in rows if x["metric"] == metric) for rows in ok])
             row["note"] = (r.get("note", "") + f"; median of {len(values)} rounds").lstrip("; ")
         out.append(row)
     return out

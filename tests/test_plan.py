@@ -1,4 +1,4 @@
-"""experiments/plan.py: a tiny model's DPO, GRPO and PPO runs compiled ahead of time for a 4-chip TPU v5e.
+"""experiments/plan.py and plan_programs.py: a small model's DPO, GRPO and PPO runs compiled ahead of time for a 4-chip TPU v5e.
 
 libtpu (in the test extras) compiles for the abstract topology on this CPU machine; the memory numbers
 are checked against bytes per chip computed here from the model's shapes and the mesh.
@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from experiments import plan as plan_mod
+from experiments.plan_programs import read_config_json
 from experiments.configs import dpo_jsonl, grpo_gsm8k, ppo_arithmetic
 from experiments.wiring import ConfigError
 
@@ -159,7 +160,7 @@ def test_bad_inputs_fail_in_one_line(dirs, tmp_path):
     with pytest.raises(ConfigError, match="--topology 'v9z:2x2'"):
         plan_mod.topology("v9z:2x2")
     with pytest.raises(ConfigError, match="no config.json"):
-        plan_mod.read_config_json(str(tmp_path))
+        read_config_json(str(tmp_path))
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "plan.py"), "--config",
                           os.path.join(ROOT, "experiments", "configs", "dpo_jsonl.py"), "--model", str(tmp_path),
@@ -176,5 +177,5 @@ def test_every_shape_config_is_supported():
     names = sorted(os.listdir(shapes))
     assert "llama-3.1-8b" in names and "llama-3.1-70b" in names
     for name in names:
-        cfg = models.config_from_hf(plan_mod.read_config_json(os.path.join(shapes, name)))
+        cfg = models.config_from_hf(read_config_json(os.path.join(shapes, name)))
         assert cfg.num_layers > 0 and math.prod((cfg.hidden_size, cfg.vocab_size)) > 0

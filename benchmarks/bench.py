@@ -269,9 +269,10 @@ def _run_all(args, frameworks: list[str], model_dirs: dict, cache: Path | None, 
                 for fw in (frameworks if r % 2 == 0 else frameworks[::-1]):
                     runs[fw].append(run_one(fw, model, model_dirs[model], workload, quick=args.quick,
                                             threads=args.threads, cache=cache))
+                # after each round, this workload's rounds so far (a run cut short keeps them)
+                write(rows + [x for fw in frameworks for x in aggregate_rounds(runs[fw])], rounds, done=False)
             for fw in frameworks:
                 rows += aggregate_rounds(runs[fw])
-            write(rows, rounds, done=False)
     if args.extras and "smollm2" in args.models.split(","):
         for name, override in SCALING.items():
             rows += run_one("jaxalign", "smollm2", model_dirs["smollm2"], name, quick=args.quick,

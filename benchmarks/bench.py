@@ -245,7 +245,8 @@ def write_results(out: Path, rows: list[dict], frameworks: list[str], meta: dict
     threads = f"every process pinned to {meta['threads']} core(s)" if meta["threads"] else "all cores"
     head = (f"CPU: {meta['cpu']} ({meta['cores']} cores, {threads}); {meta['rounds']} rounds; started "
             f"{meta['started']}, {meta['minutes']} min{'' if meta.get('complete', True) else ' so far (incomplete)'}; "
-            f"load averages (1/5/15 min) {meta['load_start']} at the start, {meta['load_end']} at the end.")
+            f"load averages (1/5/15 min) {meta['load_start']} at the start, {meta['load_end']} at the end."
+            + (f" Rows {meta['merged']}." if meta.get("merged") else ""))
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (out / "bench.md").write_text(f"<!-- {json.dumps(meta)} -->\n{head}\n\n{fair}\n\n## Every row\n\n"

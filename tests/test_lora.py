@@ -235,3 +235,32 @@ def test_lora_grpo_through_rl_py_keeps_the_base_as_reference(tmp_path):
     assert rows[1]["kl"] > 0  # the adapters moved; the reference (adapters off) did not
     assert (tmp_path / "export_adapter" / "adapter_model.safetensors").is_file()
     transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"))
+
+
+def test_sharded_qlora_step_matches_one_device():
+    """Adapters and int8 codes placed by the rules table (fsdp 4 × tensor 2) train as on one device."""
+    from jaxalign import sharding as shd
+
+    cfg = models.tiny_config("llama")
+    batch = {"tokens": np.random.default_rng(0).integers(0, cfg.vocab_size, size=(8, 12)).astype(np.int32)}
+
+    def run(mesh):
+        model = models.Transformer(cfg, rngs=nnx.Rngs(0))
+        lora.attach_lora(model, CFG, rngs=nnx.Rngs(1))
+        _randomize_adapters(model, 2)
+        lora.quantize_base(model, "int8")
+        opt = optax.adam(1e-2)
+        state, model_def = training.init_train_state(shd.shard_model(model, mesh), opt, mesh=mesh)
+        step = training.make_train_step(_lm_loss, opt, model_def=model_def, shardings=training.state_shardings(state))
+        for _ in range(2):
+            state, _ = step(state, batch)
+        return state
+
+    one = run(shd.make_mesh(shd.MeshConfig(), devices=jax.devices()[:1]))
+    eight = run(shd.make_mesh(shd.MeshConfig(data=1, fsdp=4, tensor=2)))
+    attn = eight.params["layers"]["attn"]
+    assert tuple(attn["q_lora_a"].sharding.spec)[:2] == (None, "fsdp")
+    assert tuple(attn["q"].sharding.spec)[:3] == (None, "fsdp", "tensor") and attn["q"].dtype == jnp.int8
+    diffs = jax.tree.map(lambda a, b: np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max(),
+                         jax.device_get(eight.params), jax.device_get(one.params))
+    assert max(jax.tree.leaves(diffs)) <= 1e-5

@@ -84,7 +84,19 @@ def project(module: nnx.Module, name: str, spec: str, x: Array) -> Array:
     The weight is dequantized first when QLoRA stores it as codes; the adapter
     is skipped inside `adapters_off`. x: [..., in...]; returns [..., out...].
     """
-    y = jnp.einsum(spec, x, weight(module, name, x.dtype))
+    absmax = getattr(module, f"{name}_absmax", None)
+    if absmax is None:
+        y = jnp.einsum(spec, x, getattr(module, name)[...].astype(x.dtype))
+    else:
+        kind, axis = _code_layout(getattr(module, name))
+
+        # Recomputed in the backward pass: saved for it, each scanned layer's dequantized weight
+        # would add up to a float copy of the whole base (measured in docs/lora.md).
+        @jax.checkpoint
+        def dequantized_einsum(x, codes, absmax):
+            return jnp.einsum(spec, x, dequantize(codes, absmax, kind, axis=axis).astype(x.dtype))
+
+        y = dequantized_einsum(x, getattr(module, name)[...], absmax[...])
     lora = getattr(module, "lora", None)
     if lora is None or not lora.enabled or name not in lora.targets:
         return y
@@ -99,10 +111,15 @@ def weight(module: nnx.Module, name: str, dtype) -> Array:
     q = getattr(module, f"{name}_absmax", None)
     if q is None:
         return w.astype(dtype)
-    meta = getattr(module, name).get_metadata()
+    kind, axis = _code_layout(getattr(module, name))
+    return dequantize(w, q[...], kind, axis=axis).astype(dtype)
+
+
+def _code_layout(var: nnx.Variable) -> tuple[str, int]:
+    """(kind, block axis) of a Param of QLoRA codes, stacked or one layer's slice."""
+    meta = var.get_metadata()
     # Inside the layer scan the codes are one layer's slice: the stacked axis index moves down by one.
-    axis = meta["block_axis"] - (len(meta["axes"]) - w.ndim)
-    return dequantize(w, q[...], meta["quantized"], axis=axis).astype(dtype)
+    return meta["quantized"], meta["block_axis"] - (len(meta["axes"]) - var[...].ndim)
 
 
 @dataclasses.dataclass(frozen=True)

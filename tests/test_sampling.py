@@ -413,3 +413,21 @@ def test_bfloat16_cache_is_half_the_bytes_and_tracks_float32(llama, prompts):
     assert valid.sum() >= rows * 3
     diff = np.abs(np.asarray(out.raw_logprobs) - np.asarray(ref.raw_logprobs))[valid].max()
     assert 0 < diff <= 0.05, diff
+
+
+def test_segmented_cache_samples_what_teacher_forcing_scores(llama, prompts):
+    """A 70-token budget (buffer 128) decodes in 4 segments whose caches grow from 32 to 128 columns past
+    the prompts: log-probs still equal a full forward pass, and rows stop where their EOS is."""
+    from jaxalign.sampling.sampler import cache_segments
+
+    width = prompts[0].shape[1]
+    assert [s for _, s in cache_segments(16, 128)] == [16 + 31, 16 + 63, 16 + 95, 16 + 128]
+    assert cache_segments(16, 16) == [(16, 32)]
+    model, _, _ = llama
+    options = dict(rng=jax.random.key(11), n=2, return_raw_logprobs=True, **SETTINGS["filtered"])
+    result = generate(model, *prompts, max_new_tokens=70, eos_ids=(EOS,), **options)
+    ref, ref_raw = teacher_forced(model, result, **SETTINGS["filtered"])
+    assert np.asarray(result.mask).sum() > 70 * 2 and width > 0  # rows run past the first segments
+    assert masked_max_diff(result.logprobs, ref, result.mask) <= TOL
+    assert masked_max_diff(result.raw_logprobs, ref_raw, result.mask) <= TOL
+    check_stops(result, (EOS,))

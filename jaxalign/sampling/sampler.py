@@ -262,17 +262,39 @@ def _rollout(graphdef, static: Static, params, rest, prompts, prompt_mask, *samp
     cache = place(model.init_cache(batch=prompts.shape[0], max_len=width, dtype=static.cache_dtype))
     hidden, cache = model.hidden_states(prompts, attention_mask=prompt_mask, cache=cache)
     first_logits = grow_rows(model.logits(hidden[:, -1:])[:, 0], static.n)  # [R, V]
-    # Column 0 comes from the prefill; columns 1..N-1 each need one decode step,
-    # so the cache holds width + buffer - 1 tokens at most.
-    cache = place(_expand_cache(cache, static.n, width + static.buffer))
+    segments = cache_segments(width, static.buffer)
+    cache = place(_expand_cache(cache, static.n, segments[0][1]))
     loop = start(static, draw, first_logits, cache)
 
     def decode(loop: Loop) -> Loop:
         hidden, cache = model.hidden_states(loop.last[:, None], cache=loop.cache)
         return record(static, draw, loop, model.logits(hidden)[:, 0], place(cache))
 
-    loop = jax.lax.while_loop(functools.partial(keep_going, draw), decode, loop)
+    for i, (end, slots) in enumerate(segments):  # the cache grows between segments: attention reads what is filled
+        if i:
+            loop = loop._replace(cache=place(_expand_cache(loop.cache, 1, slots)))
+        loop = jax.lax.while_loop(lambda loop, end=end: keep_going(draw, loop) & (loop.step < end), decode, loop)
     return outputs(static, loop)
+
+
+# Decode segments: a buffer of at least 2 x MIN_SEGMENT columns is filled in up to MAX_SEGMENTS equal
+# segments, each attending over a cache just long enough for it (a decode step reads all of its cache).
+MIN_SEGMENT, MAX_SEGMENTS = 32, 4
+
+
+def cache_segments(width: int, buffer: int) -> list[tuple[int, int]]:
+    """(end column, cache slots) of each decode segment for prompts `width` wide and `buffer` columns.
+
+    Column 0 comes from the prefill; column c > 0 is drawn by the decode step that writes slot
+    `width + c - 1`, so a segment ending at column `end` needs `width + end - 1` slots (the last one
+    gets `width + buffer`, the cache without segments). Attention at a decode step reads every slot of
+    its cache, empty ones masked: with 4 segments the steps read 5/8 of the slots a single full-length
+    cache makes them read (the prompt aside), at the price of a decode body compiled per segment and a
+    copy of the cache between segments (buffer 256: 4 segments of 64 columns; 64: 2 of 32; 32: one).
+    """
+    count = max(1, min(MAX_SEGMENTS, buffer // MIN_SEGMENT))
+    ends = [buffer * (i + 1) // count for i in range(count)]
+    return [(end, width + end - (end < buffer)) for end in ends]
 
 
 # The cache's logical axes ([L, B, KV, S, Dh]): rows like a batch, KV heads like the K/V projections.

@@ -219,6 +219,24 @@ def create_sharded_model(make_model: Callable[[], nnx.Module], mesh: Mesh) -> nn
     return init()
 
 
+def constrain_rows(x: jax.Array) -> jax.Array:
+    """`x`'s leading (row) dim over the `batch` rule while traced under `jax.set_mesh`; else `x` as is.
+
+    Applied to the residual stream of every decoder layer: without it XLA's
+    propagation follows FSDP's parameter layout (`embed` over `fsdp`) into
+    the activations and keeps every row on every chip (7x the temporaries of
+    a small model's DPO step on 16 chips; docs/scale.md). Rows that do not
+    split evenly are left to XLA.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = _RULES["batch"]
+    if mesh.empty or not set(axes) <= set(mesh.axis_names):
+        return x
+    if x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(axes))
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Leading (batch) dim over the `batch` rule; other dims replicated."""
     if ndim == 0:

@@ -26,6 +26,7 @@ from flax import nnx
 
 from jaxalign.models.config import ModelConfig, rope_inv_freq
 from jaxalign.models.layers import MLP, Attention, Norm, default_positions, make_attention_mask, param, upcast
+from jaxalign.sharding import constrain_rows
 
 Array = jax.Array
 
@@ -78,6 +79,7 @@ class Block(nnx.Module):
 
     def __call__(self, x, positions, mask, layer, cache=None):
         """x: [B, T, D] -> (x, cache); `layer`: this layer's `LayerTables` row (see Attention)."""
+        x = constrain_rows(x)  # rows stay split over data/fsdp under FSDP's parameter layout
         h, cache = self.attn(self.attn_norm(x), positions, mask, layer, cache)
         if self.cfg.sandwich_norms:
             h = self.post_attn_norm(h)

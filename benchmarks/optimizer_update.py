@@ -2,7 +2,7 @@
 
     JAX_PLATFORMS=cpu python benchmarks/optimizer_update.py [--rounds 5 --calls 3 --out results/optimizer_update.json]
 
-Four variants, each on 134.5M float32 parameters shaped like SmolLM2-135M's
+Five variants, each on 134.5M float32 parameters shaped like SmolLM2-135M's
 (the `Transformer` of its config, built abstractly; random values):
 
 - `optax_adamw`: plain `optax.adamw(1e-3)` and `optax.apply_updates` under
@@ -12,6 +12,10 @@ Four variants, each on 134.5M float32 parameters shaped like SmolLM2-135M's
   clipping to 1.0, the NaN guard on the kept state, AdamW with decoupled
   weight decay 0.01 on matrices; the state donated). The loss is a stand-in,
   so the gradient program is trivial; only the update program is timed.
+- `jaxalign_update_step_options`: the same program compiled with the XLA:CPU
+  options a one-program step gets (YNNPACK dot fusions, `jaxalign.host`): the
+  step of any model past 16M parameters, SmolLM2 included, runs its update
+  inside one program compiled that way.
 - `global_norm`: the gradient norm alone (one read of the gradient).
 - `torch_fused`: `torch.optim.AdamW(fused=True)` (torch CPU, 2 threads) on
   the same shapes.
@@ -19,8 +23,8 @@ Four variants, each on 134.5M float32 parameters shaped like SmolLM2-135M's
 The variants run in `--rounds` interleaved rounds of `--calls` timed calls
 each, after `--warmup` calls, so that a neighbour's load on the shared cores
 falls on all of them alike. Printed and written: per variant the median of
-all calls, the min and max, the per-round medians; the ratio of jaxalign's
-update to plain optax (median over rounds of each round's ratio, and the
+all calls, the min and max, the per-round medians; the update programs'
+temporary bytes (XLA memory analysis); the ratio of each jaxalign update to plain optax (median over rounds of each round's ratio, and the
 ratio of the overall medians); the 1-minute load average before and after.
 """
 
@@ -44,6 +48,7 @@ from flax import nnx  # noqa: E402
 
 from jaxalign import models, training  # noqa: E402
 from jaxalign import sharding as shd  # noqa: E402
+from jaxalign.host import train_step_compiler_options  # noqa: E402
 from jaxalign.training import step as step_module  # noqa: E402
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -112,20 +117,28 @@ def build_variants(params, model_def, grads):
                                        shardings=training.state_shardings(state), split_update=True)
     batch = {"x": np.ones((1,), np.float32)}
     _, update = step.compiled(state, batch)
-    holder = {"state": state}
+    # The same program compiled with the options a one-program step (any model past 16M parameters)
+    # gets for its whole program, the update included (host.train_step_compiler_options).
+    _, lowered = step.lower(state, batch)
+    update_step_options = lowered.compile(train_step_compiler_options(jax.devices()[0].platform))
     loss = jnp.float32(1.0)
+    memory = {}
+    for name, program in (("jaxalign_update", update), ("jaxalign_update_step_options", update_step_options)):
+        holder = {"state": jax.tree.map(jnp.copy, state)}  # each its own copy, allocated alike
 
-    def run_jaxalign():
-        holder["state"], metrics = update(holder["state"], grads, loss)
-        return holder["state"].params, metrics
+        def run(program=program, holder=holder):
+            holder["state"], metrics = program(holder["state"], grads, loss)
+            return holder["state"].params, metrics
 
-    variants["jaxalign_update"] = run_jaxalign
+        variants[name] = run
+        m = program.memory_analysis()
+        memory[name] = {"temp_bytes": m.temp_size_in_bytes, "alias_bytes": m.alias_size_in_bytes}
 
     norm = jax.jit(training.optim.global_norm)
     variants["global_norm"] = lambda: norm(grads)
 
     variants["torch_fused"] = torch_variant(params, grads)
-    return variants
+    return variants, memory
 
 
 def torch_variant(params, grads):
@@ -161,7 +174,7 @@ def main() -> None:
     params, model_def = smollm2_params()
     grads = jax.tree.map(lambda x: x * 0.5 + 1e-3, params)  # finite, norm > 1: clipping acts
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    variants = build_variants(params, model_def, grads)
+    variants, memory = build_variants(params, model_def, grads)
     load_before = load_average()
     for fn in variants.values():
         for _ in range(a.warmup):
@@ -174,17 +187,20 @@ def main() -> None:
     load_after = load_average()
 
     rows = {k: summary(v) for k, v in samples.items()}
-    base, ours = rows["optax_adamw"], rows["jaxalign_update"]
-    per_round = [o / b for o, b in zip(ours["round_medians_s"], base["round_medians_s"])]
+    base = rows["optax_adamw"]
+    ratios = {}
+    for name in ("jaxalign_update", "jaxalign_update_step_options"):
+        per_round = [o / b for o, b in zip(rows[name]["round_medians_s"], base["round_medians_s"])]
+        ratios[name] = {"median_of_round_ratios": statistics.median(per_round), "round_ratios": per_round,
+                        "ratio_of_medians": rows[name]["median_s"] / base["median_s"]}
     result = {
         "params": n_params,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "load_1min_before": load_before, "load_1min_after": load_after},
         "rounds": a.rounds, "calls_per_round": a.calls, "warmup": a.warmup,
         "variants": rows,
-        "jaxalign_over_optax": {"median_of_round_ratios": statistics.median(per_round),
-                                "round_ratios": per_round,
-                                "ratio_of_medians": ours["median_s"] / base["median_s"]},
+        "update_program_memory": {**memory, "param_bytes": 4 * n_params},
+        "over_optax_adamw": ratios,
     }
     print(f"optimizer update, {n_params / 1e6:.1f}M float32 parameters (SmolLM2-135M shapes); "
           f"{a.rounds} rounds x {a.calls} calls; load {load_before:.2f} -> {load_after:.2f}")
@@ -192,9 +208,10 @@ def main() -> None:
     for k, v in rows.items():
         rounds = " ".join(f"{x * 1e3:.0f}" for x in v["round_medians_s"])
         print(f"{k:18s} {v['median_s'] * 1e3:10.1f} {v['min_s'] * 1e3:8.1f} {v['max_s'] * 1e3:8.1f}  {rounds}")
-    ratio = result["jaxalign_over_optax"]
-    print(f"jaxalign_update / optax_adamw: {ratio['median_of_round_ratios']:.2f}x (median of round ratios), "
-          f"{ratio['ratio_of_medians']:.2f}x (ratio of medians)")
+    for name, ratio in ratios.items():
+        print(f"{name} / optax_adamw: {ratio['median_of_round_ratios']:.2f}x (median of round ratios), "
+              f"{ratio['ratio_of_medians']:.2f}x (ratio of medians); update program temporaries "
+              f"{memory[name]['temp_bytes'] / 2**20:.0f} MiB")
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -37,12 +37,17 @@ class ModelSection:
     """`config.model`: a local Hugging Face directory (`path`), a `.gguf` file or
     `"smollm2"`; or, when `path` is empty, a tiny random model of `family` sized
     by `overrides` (Hugging Face config fields). `tokenizer`: a local directory
-    (default: `path`). `dtype`: the parameters' dtype."""
+    (default: `path`). `dtype`: the parameters' dtype; `compute_dtype`: the
+    activations' and matmuls' (empty: `dtype`; float32 + bfloat16 is float32
+    master weights, docs/training.md "Mixed precision"). `remat`: what the
+    backward pass keeps of each layer (none, full, save_dots; docs/scale.md)."""
 
     path: str = ""
     tokenizer: str = ""
     family: str = "llama"
     dtype: str = "float32"
+    compute_dtype: str = ""
+    remat: str = "none"
     seed: int = 0
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=lambda: dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -443,14 +448,18 @@ def build_model(model_cfg: ModelSection, mesh, *, value_head: bool = False):
     from jaxalign.models import lora
 
     dtype = jnp.dtype(model_cfg.dtype)
+    compute_dtype = jnp.dtype(model_cfg.compute_dtype or model_cfg.dtype)
     path = resolve_model_path(model_cfg.path)
     tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or path)
     if path:
-        model, _ = models.load_hf(path, dtype=dtype, mesh=mesh, tokenizer=tokenizer)
+        model, _ = models.load_hf(path, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, tokenizer=tokenizer,
+                                  remat=model_cfg.remat)
     else:
         cfg = models.tiny_config(model_cfg.family, vocab_size=len(tokenizer), **dict(model_cfg.overrides))
         model = sharding.create_sharded_model(
-            lambda: models.Transformer(cfg, rngs=nnx.Rngs(model_cfg.seed), param_dtype=dtype), mesh)
+            lambda: models.Transformer(cfg, rngs=nnx.Rngs(model_cfg.seed), param_dtype=dtype, dtype=compute_dtype,
+                                       remat=model_cfg.remat),
+            mesh)
     lora_cfg = typed(lora.LoraConfig, model_cfg.lora, "model.lora")
     if lora_cfg.rank:  # adapters (and QLoRA's codes) built here, then placed by the rules like every Param
         lora.attach_lora(model, lora_cfg, rngs=nnx.Rngs(model_cfg.seed + 2))

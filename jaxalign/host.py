@@ -66,7 +66,10 @@ def train_step_compiler_options(platform: str) -> dict[str, str] | None:
     The backward's GEMMs read transposed weights and activations; as single
     dots XLA first copies each operand into a fresh transposed buffer, as
     fusions most of those copies go away. Measured in docs/training.md
-    (SmolLM2-135M DPO step 5-7% faster, ~140 MiB less peak memory). The
+    (SmolLM2-135M DPO step 5-7% faster, ~140 MiB less peak memory). Plus
+    YNNPACK reductions (`LIBRARY_FUSION_TYPE_REDUCE`, on in XLA's default):
+    without them XLA writes the gradient norm's squares out and reduces them
+    ~15x slower (docs/training.md, "The optimizer update"). The
     sampler does without it: its decode steps were not faster this way.
     A one-program step gets them; a step split in two (a small model's,
     `TrainStep`) gets them for its gradient program and compiles its update
@@ -76,7 +79,7 @@ def train_step_compiler_options(platform: str) -> dict[str, str] | None:
     asks for XLA's own defaults, or when `XLA_FLAGS` already sets the option
     (the user's choice wins).
     """
-    return _cpu_option(platform, _YNN_FUSION_TYPE, "LIBRARY_FUSION_TYPE_DOT")
+    return _cpu_option(platform, _YNN_FUSION_TYPE, "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE")
 
 
 def sampler_compiler_options(platform: str) -> dict[str, bool] | None:

@@ -12,10 +12,11 @@ and both moments where plain AdamW makes one (docs/training.md, "The
 optimizer update"). Here the guard is decided from scalars: the state keeps
 upper bounds of max|params|, max|mu| and max(nu); with the gradient norm the
 step already computes, the update's arithmetic bounds every new value (see
-`_plan`). When those bounds are below `LIMIT` (all of ordinary training) the
-update runs in place in one pass; otherwise the exact check runs (candidate,
-test, in-place recomputation) and resets the bounds to the new state's
-maxima. Either way a non-finite update keeps the previous state.
+`plan` in `make_optimizer`). When those bounds are below `LIMIT` (all of
+ordinary training) the update runs in place in one pass; otherwise the exact
+check runs first (the candidate feeding one reduction) and resets the bounds
+to a power of two above the new state's largest value. Either way a
+non-finite update keeps the previous state.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def global_norm(tree: Any) -> jax.Array:
 class AdamWState(NamedTuple):
     """count: int32 [] updates applied; learning_rate: float32 [] the lr of the last one (logged);
     mu, nu: float32 moments in the params' tree; bounds: float32 [3], upper bounds of
-    (max|params|, max|mu|, max nu) that decide the one-pass update (`_plan`)."""
+    (max|params|, max|mu|, max nu) that decide the one-pass update (`plan`)."""
 
     count: jax.Array
     learning_rate: jax.Array
@@ -191,22 +192,28 @@ def make_optimizer(config: OptimConfig) -> AdamW:
         checked = jnp.stack([p_new, mu_new, nu_new, mu_new / bc1, nu_new / bc2, ratio, step])
         return _Plan(count, lr, scale, bc1, bc2, jnp.stack([p_new, mu_new, nu_new]), jnp.all(checked < LIMIT))
 
-    def leaf(p, g, mu, nu, h: _Plan, decay: bool):
-        """One leaf's (new params, mu, nu), computed in float32."""
+    def leaf(p, g, mu, nu, h: _Plan, decay: bool, take):
+        """One leaf's (new params, mu, nu), computed in float32; the old ones where `take` is False.
+
+        The select is per element, in the fusion that writes the element: each old value is read
+        before its own new one overwrites it, so XLA updates the donated buffers in place."""
         g = g.astype(jnp.float32) * h.scale
-        mu = (1 - b1) * g + b1 * mu
-        nu = (1 - b2) * (g * g) + b2 * nu
+        mu = jnp.where(take, (1 - b1) * g + b1 * mu, mu)
+        # g² as |g|·|g| (the same bits): not an expression XLA merges with `global_norm`'s square of
+        # an unclipped gradient, which it would then write out as a gradient-sized temporary.
+        nu = jnp.where(take, (1 - b2) * (jnp.abs(g) * jnp.abs(g)) + b2 * nu, nu)
         r = (mu / h.bc1) / (jnp.sqrt(nu / h.bc2) + eps)
         if decay and wd:
             r = r + wd * p.astype(jnp.float32)
-        return (p.astype(jnp.float32) - h.lr * r).astype(p.dtype), mu, nu
+        return jnp.where(take, (p.astype(jnp.float32) - h.lr * r).astype(p.dtype), p), mu, nu
 
-    def new_state(params, grads, state: AdamWState, h: _Plan, bounds) -> tuple[Any, AdamWState]:
-        out = jax.tree.map(lambda p, g, mu, nu, decay: leaf(p, g, mu, nu, h, decay),
+    def new_state(params, grads, state: AdamWState, h: _Plan, bounds, take=True) -> tuple[Any, AdamWState]:
+        out = jax.tree.map(lambda p, g, mu, nu, decay: leaf(p, g, mu, nu, h, decay, take),
                            params, grads, state.mu, state.nu, decay_mask(params))
         treedef = jax.tree.structure(params)
         new_p, mu, nu = (jax.tree.unflatten(treedef, xs) for xs in zip(*treedef.flatten_up_to(out)))
-        return new_p, AdamWState(h.count, h.lr, mu, nu, bounds)
+        return new_p, AdamWState(jnp.where(take, h.count, state.count), jnp.where(take, h.lr, state.learning_rate),
+                                 mu, nu, jnp.where(take, bounds, state.bounds))
 
     def update(grads, state: AdamWState, params=None):
         if params is None:
@@ -231,12 +238,12 @@ def make_optimizer(config: OptimConfig) -> AdamW:
             e = _largest_exponent(cand_p, cand.mu, cand.nu)
             return e < 255, jnp.full((3,), jnp.ldexp(jnp.float32(1), e.astype(jnp.int32) - 126))
 
-        # Two conditionals side by side, not nested: XLA then writes the kept branch's
-        # params and moments in place (a nested one copies the whole state to its output).
+        # The conditional returns scalars only: a branch returning params and moments makes XLA copy
+        # the whole state to its output when nested; the update itself is a per-element select
+        # (`new_state`), measured no slower than a conditional around it.
         ok, bounds = jax.lax.cond(h.safe | ~inputs_finite, trust_bounds, check_candidate, params, state)
         finite = inputs_finite & ok
-        new_p, new = jax.lax.cond(finite, lambda p, s: new_state(p, grads, s, h, bounds), lambda p, s: (p, s),
-                                  params, state)
+        new_p, new = new_state(params, grads, state, h, bounds, take=finite)
         return new_p, new, finite
 
     return AdamW(init, update, apply)

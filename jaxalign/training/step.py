@@ -200,8 +200,8 @@ class TrainStep:
                               for x in leaves), static)
         if key not in self._executables:
             lowered = self._lower(state, arrays, static)
-            # The step and the gradient program get the dot fusions. A separate update program has no dots,
-            # and under that option XLA:CPU writes out the norm's squares as a gradient-sized temporary.
+            # The step and the gradient program get the dot fusions; a separate update program has no dots
+            # and compiles with XLA's defaults.
             options = (train_step_compiler_options(self.mesh.devices.flat[0].platform), None)
             compiled = []
             for program, program_options in zip(lowered, options):

@@ -98,3 +98,22 @@ def test_loss_within_bound_of_float32(runs, name):
     losses = np.array(runs[name][0])
     assert np.max(np.abs(losses - reference)) <= 0.03, (losses, reference)
     assert reference[-1] < reference[0]  # the steps train, so later losses compare trained states
+
+
+def test_config_fields_choose_the_policy(tmp_path):
+    """`model.dtype` / `model.compute_dtype` reach the model the wiring builds (master weights: float32 + bf16)."""
+    from experiments import wiring
+    from jaxalign import sharding as shd
+    from tests._tokenizers import make_char_tokenizer
+
+    make_char_tokenizer(tmp_path / "tok")
+    mesh = shd.make_mesh(shd.MeshConfig(), devices=jax.devices()[:1])
+    built = {}
+    for dtype, compute in (("float32", ""), ("bfloat16", ""), ("float32", "bfloat16")):
+        section = wiring.ModelSection(tokenizer=str(tmp_path / "tok"), dtype=dtype, compute_dtype=compute)
+        model, _ = wiring.build_model(section, mesh)
+        params = {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))}
+        built[(dtype, compute)] = (params, jnp.dtype(model.dtype))
+    assert built[("float32", "")] == ({jnp.dtype(jnp.float32)}, jnp.dtype(jnp.float32))
+    assert built[("bfloat16", "")] == ({jnp.dtype(jnp.bfloat16)}, jnp.dtype(jnp.bfloat16))
+    assert built[("float32", "bfloat16")] == ({jnp.dtype(jnp.float32)}, jnp.dtype(jnp.bfloat16))

@@ -16,7 +16,7 @@ Adapters are `LoraParam`s, a subclass of `nnx.Param`: they travel with the
 other Params (train state, sampler, sharding table) and the filter `LoraParam`
 picks them alone. Every Param of the model when adapters are attached is
 marked frozen (metadata `frozen=True`); the train step differentiates and
-optimises only the unmarked ones (`trainable_mask`), so the base takes no
+optimises only the unmarked ones (`training.ModelDef.trainable`), so the base takes no
 gradient and no optimizer memory. QLoRA (Dettmers et al. 2023) quantizes the
 frozen projection weights blockwise (`quantize_base`): int8 absmax codes, or
 NF4 codes packed two per byte, each block of `BLOCK` values with its own absmax.
@@ -254,11 +254,6 @@ def _replace_weight(module, name: str, dense: Array) -> None:
         delattr(module, f"{name}_absmax")
 
 
-def trainable_mask(params_state: nnx.State) -> dict:
-    """Pure dict of bools matching `nnx.to_pure_dict(params_state)`: True where a Param trains."""
-    return nnx.to_pure_dict(params_state, extract_fn=lambda v: not v.get_metadata().get("frozen", False))
-
-
 # ---------------------------------------------------------------------------------------------
 # QLoRA: blockwise quantization of the frozen base.
 
@@ -366,4 +361,4 @@ def lora_config_of(model: nnx.Module) -> tuple[int, float, tuple[str, ...]]:
 
 __all__ = ["BLOCK", "NF4", "QUANTIZE", "TARGETS", "LoraConfig", "LoraParam", "adapters_off", "attach_lora",
            "base_view", "block_axis", "dequantize", "has_lora", "lora_config_of", "merged", "project",
-           "quantize", "quantize_base", "trainable_mask", "weight"]
+           "quantize", "quantize_base", "weight"]

@@ -149,6 +149,12 @@ class Planner:
 
         from jaxalign import sharding
 
+        shards = math.prod(self.mesh.shape[a] for a in sharding.batch_sharding(self.mesh, 1).spec[0])
+        if rows % shards:  # what `shard_batch` refuses at run time
+            what = "config.algorithm.prompts_per_step (x group_size / minibatches)" if self.online \
+                else "config.data.batch_size"
+            raise wiring.ConfigError(f"{what}: batches of {rows} rows do not split over data x fsdp = {shards} "
+                                     "devices of this topology")
         return {k: jax.ShapeDtypeStruct((rows,) + tuple(s), d, sharding=sharding.batch_sharding(self.mesh, 1 + len(s)))
                 for k, (s, d) in layout.items()}
 

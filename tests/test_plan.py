@@ -161,6 +161,11 @@ def test_bad_inputs_fail_in_one_line(dirs, tmp_path):
         plan_mod.topology("v9z:2x2")
     with pytest.raises(ConfigError, match="no config.json"):
         read_config_json(str(tmp_path))
+    config = fsdp(dpo_jsonl.get_config())
+    config.data.batch_size = 2
+    with pytest.raises(ConfigError, match="config.data.batch_size: batches of 2 rows do not split over data x "
+                                          "fsdp = 4 devices"):
+        plan_mod.plan(config, str(dirs / "policy"), TOPOLOGY, log=quiet)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "plan.py"), "--config",
                           os.path.join(ROOT, "experiments", "configs", "dpo_jsonl.py"), "--model", str(tmp_path),

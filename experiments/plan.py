@@ -1,6 +1,7 @@
 """Plan a run before launch: every program it executes, compiled ahead of time for a TPU topology.
 
-    python experiments/plan.py --config experiments/configs/grpo_gsm8k.py --model shapes/llama-3.1-8b \
+    python experiments/plan.py --config experiments/configs/grpo_gsm8k.py \
+        --model experiments/configs/shapes/llama-3.1-8b \
         --topology v5p:2x2x4 --config.mesh.fsdp=-1 --config.mesh.data=1 [--fit] [--json plan.json]
 
 No TPU and no weights are needed: the model is built from its `config.json`
@@ -9,7 +10,9 @@ alone (`nnx.eval_shape`), every program of the run is traced on
 rules of `jaxalign.sharding`, and libtpu's compiler (`pip install
 "jaxalign[tpu]"`) compiles it for the named topology (`v5e:2x2`, `v5p:2x2x4`,
 `v6e:2x4`, ... as libtpu spells them). XLA's memory analysis gives the bytes
-per chip, its cost model the FLOPs and seconds (docs/scale.md).
+per chip; the time per step is a roofline bound from the model's FLOPs and the
+bytes each program moves (XLA's cost model counts the scanned layer body once;
+docs/scale.md).
 
 Programs: the train step (gradient and update; one row each when the step
 runs as two programs); DPO's reference log-probs; for on-policy runs the

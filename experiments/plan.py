@@ -20,6 +20,12 @@ sampler's prefill and one decode step at the rollout's shapes, the log-probs
 of the old policy (and of the reference, the same program on other
 parameters), PPO's critic values and the reward model's scores.
 
+LoRA (`model.lora.rank > 0`): the policy is built as the run builds it
+(`attach_lora`, then `quantize_base`), so the train state's gradient and
+optimizer moments cover the adapters alone; its reference is the base with
+the adapters off, on the same parameters (no resident copy): DPO's table or
+in-step reference, the on-policy reference log-probs program.
+
 Memory per chip: what stays resident for the whole run (train state,
 reference, reward model) plus, for each program, what it holds beyond that
 (its batch, temporaries and outputs less donated buffers); the run's peak is

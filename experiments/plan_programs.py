@@ -9,6 +9,7 @@ model FLOPs per chip (docs/scale.md).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -107,20 +108,23 @@ class Planner:
             if not _is_classifier(self.reward_hf):
                 raise wiring.ConfigError(f"config.reward.reward_model {self.cfg['reward'].reward_model!r}: not a "
                                          "sequence-classification (reward) config")
-        if dict(getattr(self.cfg["model"], "lora", None) or {}).get("rank"):
-            raise wiring.ConfigError("config.model.lora.rank > 0: the plan does not build LoRA adapters; plan the "
-                                     "full fine-tune (an upper bound) with --config.model.lora.rank=0")
+        from jaxalign.models import lora
+
+        # As `wiring.build_model`: adapters (and QLoRA's codes) on the policy; its reference is its own base.
+        self.lora = wiring.typed(lora.LoraConfig, getattr(self.cfg["model"], "lora", None) or {}, "model.lora")
         self.mesh = sharding.make_mesh(self.cfg["mesh"], devices=devices)
         self.chip, self.log = chip, log
 
     # -- shapes --------------------------------------------------------------------------------
 
-    def _abstract(self, hf: dict, remat: str, wrap=None, dtype=None):
-        """The model of a config.json with shapes only; `dtype`: its parameters' (default `model.dtype`)."""
+    def _abstract(self, hf: dict, remat: str, wrap=None, dtype=None, lora: bool = True):
+        """The model of a config.json with shapes only; `dtype`: its parameters' (default `model.dtype`);
+        lora: with `model.lora`'s adapters and quantized base (the policy and its copies)."""
         import jax.numpy as jnp
         from flax import nnx
 
         from jaxalign import models
+        from jaxalign.models import lora as lora_lib
 
         cfg, dtype = models.config_from_hf(hf), jnp.dtype(dtype or self.cfg["model"].dtype)
         value = _is_classifier(hf)
@@ -128,6 +132,9 @@ class Planner:
         def build():
             lm = models.Transformer(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=dtype, lm_head=not value,
                                     remat=remat)
+            if lora and self.lora.rank:
+                lora_lib.attach_lora(lm, self.lora, rngs=nnx.Rngs(2))
+                lora_lib.quantize_base(lm, self.lora.quantize)
             return wrap(lm) if wrap else (models.with_value_head(lm) if value else lm)
 
         return nnx.eval_shape(build)
@@ -218,8 +225,9 @@ class Planner:
         trained = self._abstract(self.hf, remat, wrap=self._trained_wrap())
         model_def, state = self._train_state(trained, optimizer)
         loss_fn, batch, options, runs, forward = self._loss_and_batch()
-        # The backward pass costs two forwards; `full` remat runs the forward once more.
-        flops = forward * (4 if remat == "full" else 3)
+        # The backward pass costs two forwards; `full` remat runs the forward once more; a LoRA DPO
+        # reference computed in the step (the base, adapters off) one more.
+        flops = forward * (4 if remat == "full" else 3) + (forward if self._reference_in_step() else 0)
         train = dataclasses.replace(cfg["train"], micro_batches=micro_batches)
         step = wiring.build_train_step(loss_fn, optimizer, state, model_def, train)
         lowered = step.lower(state, batch, **options)
@@ -233,6 +241,11 @@ class Planner:
                     for n, low, o, f in zip(names, lowered, opts, (flops, None))]
         resident = {"params": per_device_bytes(state.params), "optimizer_state": per_device_bytes(state.opt_state)}
         return programs, resident
+
+    def _reference_in_step(self) -> bool:
+        """DPO with LoRA and no precomputed table: the step runs the base as the reference (`with_base_reference`)."""
+        return (not self.online and self.cfg["name"] == "dpo" and self.cfg["algorithm"].needs_reference
+                and bool(self.lora.rank) and not self.cfg["precompute_reference"])
 
     def _trained_wrap(self):
         from jaxalign import models
@@ -273,11 +286,13 @@ class Planner:
         layout["index"] = ((), i32)
         if name == "reward_model":
             return reward_model.reward_loss_fn, self._batch(layout, b), {}, 1, self._forward(2 * b, t, scored=0)
-        if cfg["algorithm"].needs_reference:
+        loss_fn = dpo.make_dpo_loss_fn(cfg["algorithm"], logprob_chunk=chunk)
+        if self._reference_in_step():
+            loss_fn = dpo.with_base_reference(loss_fn, logprob_chunk=chunk)
+        elif cfg["algorithm"].needs_reference:
             layout.update(ref_chosen_logps=((), f32), ref_rejected_logps=((), f32))
         # last=None scores all T - 1 columns: the bound over the batcher's score_width.
-        return (dpo.make_dpo_loss_fn(cfg["algorithm"], logprob_chunk=chunk), self._batch(layout, b), {}, 1,
-                self._forward(2 * b, t, scored=t))
+        return loss_fn, self._batch(layout, b), {}, 1, self._forward(2 * b, t, scored=t)
 
     def _forward(self, rows: int, tokens: int, *, scored: int, context: int | None = None, hf=None) -> float:
         from jaxalign import models
@@ -290,21 +305,27 @@ class Planner:
         if self.online:
             return self._rollout_programs()
         cfg = self.cfg
-        if cfg["name"] != "dpo" or not cfg["algorithm"].needs_reference:
+        if cfg["name"] != "dpo" or not cfg["algorithm"].needs_reference or self._reference_in_step():
             return [], {}
         import jax
 
         from jaxalign.algorithms import dpo
+        from jaxalign.models import lora as lora_lib
 
         model_def, params = self._sharded(self._abstract(self.hf, "none"))
         _, batch, _, _, forward = self._loss_and_batch()
         batch = {k: v for k, v in batch.items() if not k.startswith("ref_")}
         chunk = cfg["train"].logprob_chunk
-        ref = jax.jit(lambda p, b: dpo.pair_logprobs(model_def.merge(p), b, logprob_chunk=chunk)[:2])
+
+        def ref(p, b):
+            with lora_lib.adapters_off(m := model_def.merge(p)):  # a LoRA policy's base: its reference
+                return dpo.pair_logprobs(m, b, logprob_chunk=chunk)[:2]
+
         size = per_device_bytes(params)
-        program = self._compile("reference_logprobs", ref.lower(params, batch), flops=forward, resident=size)
-        # A precomputed reference runs once before training and is then freed.
-        return [program], ({} if cfg["precompute_reference"] else {"reference": size})
+        program = self._compile("reference_logprobs", jax.jit(ref).lower(params, batch), flops=forward, resident=size)
+        # A precomputed reference runs once before training and is then freed; a LoRA reference is
+        # the policy's own params (counted in the train state).
+        return [program], ({} if cfg["precompute_reference"] or self.lora.rank else {"reference": size})
 
     def _rollout_programs(self) -> tuple[list[Program], dict]:
         import jax
@@ -314,6 +335,7 @@ class Planner:
         from jaxalign import sharding
         from jaxalign.algorithms.common import response_logprobs
         from jaxalign.models import last_token_scores, with_value_head
+        from jaxalign.models import lora as lora_lib
 
         cfg = self.cfg
         algo, g = cfg["algorithm"], cfg["algorithm"].group_size
@@ -350,22 +372,27 @@ class Planner:
         seqs = self._batch({k: ((t,), i32) for k in ("tokens", "attention_mask", "loss_mask")}, rows)
         temperature, chunk = cfg["sampling"].temperature, cfg["train"].logprob_chunk
 
-        def logprobs(params, batch):
-            return response_logprobs(model_def.merge(params), batch, temperature=temperature, last=n,
-                                     logprob_chunk=chunk)[0]
+        def logprobs(params, batch, base=False):
+            m = model_def.merge(params)
+            with lora_lib.adapters_off(m) if base else contextlib.nullcontext():
+                return response_logprobs(m, batch, temperature=temperature, last=n, logprob_chunk=chunk)[0]
 
-        resident = {}
-        if algo.needs_reference:
+        resident, lora_ref = {}, algo.needs_reference and bool(self.lora.rank)
+        if algo.needs_reference and not lora_ref:  # a copy; a LoRA policy's reference is its own base
             resident["reference"] = policy_bytes
-        name = "logprobs (old policy, reference)" if algo.needs_reference else "logprobs (old policy)"
-        programs.append(self._compile(name, jax.jit(logprobs).lower(params, seqs), flops=self._forward(rows, t, scored=n),
-                                      runs=2 if algo.needs_reference else 1, resident=policy_bytes))
+        name = "logprobs (old policy, reference)" if algo.needs_reference and not lora_ref else "logprobs (old policy)"
+        flops = self._forward(rows, t, scored=n)
+        programs.append(self._compile(name, jax.jit(logprobs).lower(params, seqs), flops=flops,
+                                      runs=2 if resident else 1, resident=policy_bytes))
+        if lora_ref:
+            programs.append(self._compile("logprobs (reference: base, adapters off)", jax.jit(
+                functools.partial(logprobs, base=True)).lower(params, seqs), flops=flops, resident=policy_bytes))
         scorers = []
         if algo.uses_critic:
             scorers.append(("critic.values", self._abstract(self.hf, "none", wrap=with_value_head), self.hf, False))
         if self.reward_hf is not None:
             # RewardModelScorer.from_pretrained loads float32 parameters, whatever model.dtype says.
-            scorers.append(("reward_model.scores", self._abstract(self.reward_hf, "none", dtype="float32"),
+            scorers.append(("reward_model.scores", self._abstract(self.reward_hf, "none", dtype="float32", lora=False),
                             self.reward_hf, True))
         for name, model, hf, frozen in scorers:
             value_def, value_params = self._sharded(model)

@@ -118,6 +118,56 @@ def test_fit_search_reports_overrides(dpo_fit):
     assert "--config.model.remat=none --config.train.micro_batches=1" in plan_mod.table(dpo_fit)
 
 
+R = 8  # LoRA rank of the LoRA / QLoRA plans
+
+
+def adapter_bytes_per_chip() -> int:
+    """The float32 adapters of all 7 targets on one chip: A [L, in..., R], B [L, R, out...]; a matrix
+    with a D-sized axis splits it 4 ways over fsdp (as its weight does), the others are whole."""
+    split = L * R * (5 * D + 2 * D)  # A of q, k, v, gate, up (D in); B of o, down (D out)
+    whole = L * R * (H * DH + 2 * KV * DH + 2 * F) + L * R * (H * DH + F)  # B of q, k, v, gate, up; A of o, down
+    return (split // CHIPS + whole) * 4
+
+
+@pytest.fixture(scope="module")
+def lora_plans(dirs):
+    """LoRA and QLoRA (int8) DPO plans, the reference computed in the step from the base (adapters off)."""
+    plans = {}
+    for quantize in ("none", "int8"):
+        config = fsdp(dpo_jsonl.get_config())
+        config.data.batch_size, config.data.max_length = 8, 32
+        config.algorithm.precompute_reference = False
+        config.model.lora.update(rank=R, quantize=quantize)
+        plans[quantize] = plan_mod.plan(config, str(dirs / "policy"), TOPOLOGY, log=quiet)
+    return plans
+
+
+def test_lora_plan_trains_adapters_only_with_no_reference_copy(lora_plans, dpo_fit):
+    plan = lora_plans["none"]
+    check_schema(plan)
+    resident, adapters = plan["resident_bytes"], adapter_bytes_per_chip()
+    # The frozen base takes no optimizer memory: AdamW's two moments cover the adapters alone.
+    assert 2 * adapters <= resident["optimizer_state"] <= 2 * adapters + 1024
+    assert resident["params"] == lm_bytes_per_chip() + adapters
+    # The reference is the base with adapters off, run inside the step: no copy, no separate program.
+    assert set(resident) == {"params", "optimizer_state"}
+    assert set(by_name(plan)) == {"train_step.gradient", "train_step.update"}
+    # The step's gradient is the adapters' (+ metrics), not the model's.
+    assert adapters <= by_name(plan)["train_step.gradient"]["output_bytes"] <= adapters + SLACK
+    # The step runs the reference forward besides the policy's forward and backward.
+    full_step = by_name(dpo_fit)["train_step.gradient"]["flops"]
+    assert by_name(plan)["train_step.gradient"]["flops"] == pytest.approx(full_step * 4 / 3)
+
+
+def test_qlora_int8_base_is_smaller(lora_plans, dpo_fit):
+    plan = lora_plans["int8"]
+    check_schema(plan)
+    full, lora_only = dpo_fit["resident_bytes"]["params"], lora_plans["none"]["resident_bytes"]["params"]
+    assert plan["resident_bytes"]["params"] < full < lora_only
+    assert plan["resident_bytes"]["optimizer_state"] == lora_plans["none"]["resident_bytes"]["optimizer_state"]
+    assert set(plan["resident_bytes"]) == {"params", "optimizer_state"}
+
+
 def rl_config(module, dirs, **algorithm):
     config = fsdp(module.get_config())
     config.model.path = str(dirs / "policy")

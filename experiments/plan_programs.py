@@ -336,6 +336,7 @@ class Planner:
         from jaxalign.algorithms.common import response_logprobs
         from jaxalign.models import last_token_scores, with_value_head
         from jaxalign.models import lora as lora_lib
+        from jaxalign.sampling.sampler import expand_cache
 
         cfg = self.cfg
         algo, g = cfg["algorithm"], cfg["algorithm"].group_size
@@ -351,7 +352,7 @@ class Planner:
             """The sampler's first program: the prompts through the model into a cache, rows repeated G times."""
             m = model_def.merge(params)
             h, cache = m.hidden_states(tokens, attention_mask=mask, cache=m.init_cache(b, p))
-            return jnp.repeat(m.logits(h[:, -1:])[:, 0], g, axis=0), _grow_cache(cache, g, t)
+            return jnp.repeat(m.logits(h[:, -1:])[:, 0], g, axis=0), expand_cache(cache, g, t)
 
         def decode(params, cache, last, key):
             """One token for every row: the body of the sampler's decode loop."""
@@ -414,29 +415,12 @@ class Planner:
         from jax.sharding import NamedSharding
 
         from jaxalign import sharding
+        from jaxalign.sampling.sampler import CACHE_AXES
 
         shapes = jax.eval_shape(lambda p: model_def.merge(p).init_cache(rows, length), params)
-        axes = {"k": ("batch", "kv_heads", None, "head_dim"), "v": ("batch", "kv_heads", None, "head_dim"),
-                "valid": ("batch", None), "next_pos": ("batch",), "index": ()}
+        axes = {"k": CACHE_AXES, "v": CACHE_AXES, "valid": ("batch", None), "next_pos": ("batch",), "index": ()}
 
         def one(name, x):
-            names = (None,) * (x.ndim - len(axes[name])) + axes[name]  # [L, ...] on the stacked layout
-            return NamedSharding(self.mesh, sharding.spec_for(names, x.shape, self.mesh))
+            return NamedSharding(self.mesh, sharding.spec_for(axes[name], x.shape, self.mesh))
 
         return type(shapes)(**{f: one(f, getattr(shapes, f)) for f in axes}), shapes
-
-
-def _grow_cache(cache, n: int, max_len: int):
-    """Each row repeated n times (contiguously), slots extended to `max_len` (empty, invalid)."""
-    import jax.numpy as jnp
-
-    def rows(x, axis):
-        return jnp.repeat(x, n, axis=axis)
-
-    def slots(x, axis):
-        widths = [(0, 0)] * x.ndim
-        widths[axis] = (0, max_len - x.shape[axis])
-        return jnp.pad(x, widths)
-
-    return type(cache)(k=slots(rows(cache.k, -4), -2), v=slots(rows(cache.v, -4), -2),
-                       valid=slots(rows(cache.valid, 0), 1), index=cache.index, next_pos=rows(cache.next_pos, 0))

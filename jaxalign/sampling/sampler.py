@@ -263,7 +263,7 @@ def _rollout(graphdef, static: Static, params, rest, prompts, prompt_mask, *samp
     hidden, cache = model.hidden_states(prompts, attention_mask=prompt_mask, cache=cache)
     first_logits = grow_rows(model.logits(hidden[:, -1:])[:, 0], static.n)  # [R, V]
     segments = cache_segments(width, static.buffer)
-    cache = place(_expand_cache(cache, static.n, segments[0][1]))
+    cache = place(expand_cache(cache, static.n, segments[0][1]))
     loop = start(static, draw, first_logits, cache)
 
     def decode(loop: Loop) -> Loop:
@@ -272,7 +272,7 @@ def _rollout(graphdef, static: Static, params, rest, prompts, prompt_mask, *samp
 
     for i, (end, slots) in enumerate(segments):  # the cache grows between segments: attention reads what is filled
         if i:
-            loop = loop._replace(cache=place(_expand_cache(loop.cache, 1, slots)))
+            loop = loop._replace(cache=place(expand_cache(loop.cache, 1, slots)))
         loop = jax.lax.while_loop(lambda loop, end=end: keep_going(draw, loop) & (loop.step < end), decode, loop)
     return outputs(static, loop)
 
@@ -298,25 +298,25 @@ def cache_segments(width: int, buffer: int) -> list[tuple[int, int]]:
 
 
 # The cache's logical axes ([L, B, KV, S, Dh]): rows like a batch, KV heads like the K/V projections.
-_CACHE_AXES = ("layers", "batch", "kv_heads", None, "head_dim")
+CACHE_AXES = ("layers", "batch", "kv_heads", None, "head_dim")
 
 
 def _cache_placement(params):
-    """A function constraining a cache's k, v to the params' mesh (`_CACHE_AXES`); identity off a mesh."""
+    """A function constraining a cache's k, v to the params' mesh (`CACHE_AXES`); identity off a mesh."""
     shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(params)]
     mesh = next((s.mesh for s in shardings if isinstance(s, jax.sharding.NamedSharding)), None)
     if mesh is None or mesh.size == 1:
         return lambda cache: cache
 
     def place(cache: KVCache) -> KVCache:
-        where = jax.sharding.NamedSharding(mesh, sharding.spec_for(_CACHE_AXES, cache.k.shape, mesh))
+        where = jax.sharding.NamedSharding(mesh, sharding.spec_for(CACHE_AXES, cache.k.shape, mesh))
         k, v = (jax.lax.with_sharding_constraint(x, where) for x in (cache.k, cache.v))
         return dataclasses.replace(cache, k=k, v=v)
 
     return place
 
 
-def _expand_cache(cache: KVCache, n: int, max_len: int) -> KVCache:
+def expand_cache(cache: KVCache, n: int, max_len: int) -> KVCache:
     """Repeat each row n times (contiguously) and extend the slots to `max_len` (empty, invalid)."""
     grow = max_len - cache.max_len
 
@@ -328,7 +328,7 @@ def _expand_cache(cache: KVCache, n: int, max_len: int) -> KVCache:
                    index=cache.index, next_pos=grow_rows(cache.next_pos, n))
 
 
-__all__ = ["CompileStats", "SampleResult", "Sampler", "compile_stats", "generate"]
+__all__ = ["CACHE_AXES", "CompileStats", "SampleResult", "Sampler", "compile_stats", "expand_cache", "generate"]
 
 
 def _finish(out: dict, prompts: Array, prompt_mask: Array, max_new_tokens: int, n: int) -> SampleResult:
